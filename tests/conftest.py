@@ -46,3 +46,13 @@ def device(request):
 
 def requires_torch():
     return pytest.importorskip("torch", reason="the interop extra (torch) is not installed")
+
+
+@pytest.fixture
+def cuda_device():
+    """For tests that only make sense on a GPU: skips, with the reason, where there is none."""
+    if not backend.cuda_available():
+        pytest.skip(f"needs CUDA: {backend.cuda_unavailable_reason()}")
+    backend.set_device("cuda")
+    yield "cuda"
+    backend.set_device("cpu")

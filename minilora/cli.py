@@ -1,0 +1,58 @@
+"""The ``minilora`` command: one subcommand per job, each implemented in the module that owns it.
+
+Every subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+routes (and imports each module lazily, so ``minilora --help`` is instant).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("minilora.demo", "the whole story on the shipped defaults: LoRA fine-tune, merge, save"),
+    "pretrain": ("minilora.pretrain", "pretrain the small base model that the package ships"),
+    "finetune": ("minilora.finetune", "LoRA fine-tune the base model on instruction data"),
+    "merge": ("minilora.merge_cli", "merge an adapter into a base checkpoint, save a standalone model"),
+    "quantize": ("minilora.quant.report", "quantize a checkpoint to NF4 and report size and error"),
+    "check-article": ("minilora.article", "recompute every number in the LoRA article"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilora", description="minilora: LoRA and QLoRA built from scratch in NumPy, to learn from.")
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        p.set_defaults(_name=name)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    module = importlib.import_module(args._module)
+    sub = argparse.ArgumentParser(prog=f"minilora {args._name}",
+                                  description=SUBCOMMANDS[args._name][1])
+    module.add_arguments(sub)
+    sub_args = sub.parse_args(argv[argv.index(args._name) + 1:])
+    try:
+        return int(module.run(sub_args) or 0)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        # one line that names the problem (the modules' messages say the fix); no traceback
+        print(f"minilora {args._name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The backend door: device selection, array modules, seeds, errors, and the CuPy-free CPU path."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import backend
+
+
+def test_default_device_is_cpu_and_xp_is_numpy():
+    assert backend.get_device() == "cpu"
+    assert backend.xp() is np
+    assert backend.get_xp(np.zeros(2), 3.0) is np
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        backend.set_device("tpu")
+
+
+def test_cuda_without_gpu_names_what_is_missing():
+    if backend.cuda_available():
+        pytest.skip("a GPU is present here")
+    with pytest.raises(RuntimeError, match=r"device 'cuda' requested but (CuPy is not installed|CuPy is "
+                                           r"installed but no CUDA GPU)"):
+        backend.set_device("cuda")
+    assert backend.get_device() == "cpu"  # a failed switch changes nothing
+
+
+def test_env_var_sets_default_device():
+    code = "from minilora import backend; print(backend._device)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"MINILORA_DEVICE": "cpu", "PATH": ""}, check=True)
+    assert out.stdout.strip() == "cpu"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"MINILORA_DEVICE": "gpu0", "PATH": ""})
+    assert bad.returncode != 0 and "MINILORA_DEVICE='gpu0' is not a device" in bad.stderr
+
+
+def test_to_numpy_and_to_device_round_trip():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert backend.to_device(a, "cpu") is a
+    np.testing.assert_array_equal(backend.to_numpy(a), a)
+    np.testing.assert_array_equal(ml.Tensor(a).numpy(), a)
+
+
+def test_manual_seed_is_deterministic():
+    backend.manual_seed(123)
+    a = backend.rng().standard_normal(5)
+    backend.manual_seed(123)
+    b = backend.rng().standard_normal(5)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_default_float_is_float32_and_float64_available():
+    assert ml.Tensor([1.0, 2.0]).dtype == np.float32
+    with backend.default_float_dtype(np.float64):
+        assert ml.Tensor([1.0]).dtype == np.float64
+    assert ml.Tensor([1.0]).dtype == np.float32
+    with pytest.raises(ValueError, match="float32 or float64"):
+        backend.set_default_float(np.int32)
+
+
+def test_ops_keep_float32():
+    """Python and NumPy float64 scalars must not promote float32 activations to float64."""
+    x = ml.Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    y = (x * 2.0 + np.float64(1.5)) / 3 - x ** 2
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+def test_scatter_add_accumulates_repeats():
+    target = np.zeros((4, 2))
+    backend.scatter_add(target, np.array([1, 3, 1, 1]), np.ones((4, 2)))
+    np.testing.assert_array_equal(target[:, 0], [0, 3, 0, 1])
+    t3 = np.zeros(5)
+    backend.scatter_add(t3, np.array([0, 0, 4]), np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(t3, [3, 0, 0, 0, 3])
+
+
+def test_only_backend_imports_cupy():
+    """The one-door rule, checked on the source: no other module imports CuPy."""
+    import pathlib
+    import re
+    root = pathlib.Path(ml.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "backend.py"
+                 and re.search(r"^\s*(import cupy|from cupy)", p.read_text(), re.M)]
+    assert offenders == []
+
+
+@pytest.mark.cuda
+def test_cuda_round_trip(cuda_device):
+    a = np.arange(4, dtype=np.float32)
+    d = backend.to_device(a, "cuda")
+    assert backend.get_xp(d) is not np
+    np.testing.assert_array_equal(backend.to_numpy(d), a)

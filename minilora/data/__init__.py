@@ -1,0 +1,26 @@
+"""Tokenizer and datasets: bytes as tokens, stdlib docstrings for pretraining, Alpaca-style instructions.
+
+Everything here produces plain integer arrays (NumPy on the host, moved to the current device per
+batch); nothing depends on the autograd engine.
+
+- ``ByteTokenizer``: UTF-8 bytes + <|bos|>, <|endoftext|>, <|pad|> (vocab 259).
+- ``pretraining_data`` / ``random_batches``: the standard library's docstrings as a token stream.
+- ``make_instruction_dataset`` / ``load_alpaca_json`` / ``format_prompt``: instruction data.
+- ``collate`` / ``iterate_batches``: padded batches with the prompt masked out of the labels (-100).
+"""
+from .batching import IGNORE_INDEX, collate, encode_instruction, encode_prompt, iterate_batches
+from .instructions import (NAMES, TASK_FAMILIES, WORDS, exact_match, format_prompt, load_alpaca_json,
+                           load_instruction_dataset, make_instruction_dataset, save_alpaca_json,
+                           task_family)
+from .pretraining import (cache_dir, extract_docstrings, load_stdlib_corpus, load_stdlib_docstrings,
+                          pretraining_data, random_batches, tokenize_documents)
+from .tokenizer import ByteTokenizer
+
+__all__ = [
+    "ByteTokenizer",
+    "IGNORE_INDEX", "collate", "encode_instruction", "encode_prompt", "iterate_batches",
+    "NAMES", "TASK_FAMILIES", "WORDS", "exact_match", "format_prompt", "load_alpaca_json",
+    "load_instruction_dataset", "make_instruction_dataset", "save_alpaca_json", "task_family",
+    "cache_dir", "extract_docstrings", "load_stdlib_corpus", "load_stdlib_docstrings",
+    "pretraining_data", "random_batches", "tokenize_documents",
+]

@@ -83,4 +83,12 @@ PRESETS = {
     "llama3-70b": LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                               num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                               max_position_embeddings=8192, rope_theta=500000.0),
+    # Llama 3 8B: the same width and head count as Llama-7B, but grouped-query attention (8 KV heads).
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                             max_position_embeddings=8192, rope_theta=500000.0),
+    # LLaMA-1 65B (Touvron et al., 2023), the model QLoRA fine-tuned on one 48 GB GPU.
+    "llama-65b": LlamaConfig(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
+                             num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
+                             max_position_embeddings=2048),
 }

@@ -1,0 +1,594 @@
+"""The autograder behind ``minilora.exercises.check``: run a learner's function on many cases, compare
+it with the library, and explain a failure in words.
+
+A *task* (see ``tasks.py``) is a small function to write, such as ``lora_forward(x, W0, A, B,
+alpha, r)``. For each task the checker knows
+
+* a **reference**: the answer, computed by calling minilora itself (``lora/``, ``quant/``,
+  ``memory.py``, the autograd engine), never a second copy of the formula;
+* **cases**: a few fixed edge cases first (r = 1, α ≠ r, batch axes, exact ties, odd lengths...),
+  then cases drawn with Hypothesis (derandomized, so every run sees the same ones);
+* **usual mistakes**: small wrong solutions, each with a hint. When a learner's output equals a
+  mistake's output on the failing cases, the verdict names that mistake ("you scaled by alpha, not
+  alpha/r"); otherwise it gives the task's general hint.
+
+``check`` never raises because an answer is wrong (notebooks with unfilled stubs must still run top to
+bottom); it prints a verdict and returns a ``CheckResult`` that is truthy when every case passed.
+``check(..., raise_on_fail=True)`` raises ``ExerciseFailed`` instead, for pytest.
+
+This follows minitorch's idea (Rush, "MiniTorch", Cornell Tech) of named tasks with their own test
+markers, with property-based cases as in its ``hypothesis`` tests.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import random
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ["Case", "Mistake", "Task", "CheckResult", "ExerciseFailed", "register", "get_task",
+           "task_names", "check", "check_all", "list_tasks", "draw_cases"]
+
+PASS, FAIL, ERROR, NOT_DONE = "passed", "failed", "error", "not implemented"
+_MARK = {PASS: "✓", FAIL: "✗", ERROR: "✗", NOT_DONE: "○"}
+
+
+# ---------------------------------------------------------------- what a task is made of
+@dataclass(frozen=True)
+class Case:
+    """One set of arguments, in the order of the task's signature.
+
+    ``label`` says why a fixed case exists ("α ≠ r"); ``note`` is a hint for this case alone, used
+    when no usual mistake explains the failure (an all-zero block, an odd length...).
+    """
+    args: dict
+    label: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A usual wrong answer: ``fn`` has the learner's signature and makes exactly this mistake."""
+    name: str
+    hint: str
+    fn: Callable
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named exercise. See the module docstring for how the parts are used.
+
+    ``draw(d)`` builds one case's arguments from a drawer ``d`` (``d.integers(lo, hi)``,
+    ``d.sampled_from(seq)``, ``d.booleans()``, ``d.seed()``); ``edge_cases()`` returns the fixed
+    ``Case`` list; ``compare(expected, got, args)`` may replace the default comparison (it returns
+    None when they agree, else a ``Diff``).
+    """
+    name: str
+    summary: str                      # one line, for list_tasks()
+    signature: str                    # e.g. "lora_forward(x, W0, A, B, alpha, r) -> h"
+    reference: Callable               # the answer, from the library
+    draw: Callable                    # d -> dict of arguments
+    edge_cases: Callable              # () -> list[Case]
+    mistakes: tuple = ()
+    hint: str = ""                    # when no usual mistake matches
+    error_hint: str = ""              # when the learner's code raises
+    output_names: tuple = ()          # names of the parts of a tuple/dict output ("dA", "dB")
+    rtol: float = 1e-6
+    atol: float = 1e-9                # scaled by max(1, max|expected|)
+    compare: Callable | None = None
+    minutes: int = 10                 # a teacher's estimate, shown in the guide
+
+
+@dataclass
+class Diff:
+    """How an output differs from the expected one: the part ("dB"), the lines to print, and the
+    largest absolute difference when both are numbers of the same shape."""
+    part: str
+    lines: list
+    max_diff: float | None = None
+
+
+class ExerciseFailed(AssertionError):
+    """Raised by ``check(..., raise_on_fail=True)``; the message is the verdict."""
+
+
+@dataclass
+class CheckResult:
+    """What ``check`` found. Truthy exactly when every case passed.
+
+    ``status``: "passed", "failed", "error" (the function raised) or "not implemented";
+    ``case``: the number of the reported case (1-based) and ``case_args`` its arguments;
+    ``mistake``: the name of the usual mistake that explains the failure, if one does;
+    ``message``: the verdict as printed.
+    """
+    task: str
+    status: str
+    n_cases: int = 0
+    n_failed: int = 0
+    case: int | None = None
+    case_args: dict | None = None
+    mistake: str | None = None
+    hint: str = ""
+    message: str = ""
+    _printed: bool = field(default=False, repr=False)
+
+    def __bool__(self) -> bool:
+        return self.status == PASS
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASS
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        extra = f", mistake={self.mistake!r}" if self.mistake else ""
+        return (f"CheckResult(task={self.task!r}, status={self.status!r}, "
+                f"cases={self.n_cases}, failed={self.n_failed}{extra})")
+
+    def _ipython_display_(self):
+        # check() already printed the verdict; showing the returned object again would repeat it
+        if not self._printed:
+            print(self.message)
+
+
+# ---------------------------------------------------------------- the registry
+_TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in _TASKS:
+        raise ValueError(f"a task called {task.name!r} is already registered")
+    _TASKS[task.name] = task
+    return task
+
+
+def _load_tasks() -> None:
+    from . import tasks  # noqa: F401  (registers every task on import)
+
+
+def task_names() -> list:
+    """The task names, in teaching order."""
+    _load_tasks()
+    return list(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    _load_tasks()
+    if name not in _TASKS:
+        close = difflib.get_close_matches(str(name), _TASKS, n=1)
+        did_you_mean = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown exercise {name!r}{did_you_mean} list_tasks() shows them all")
+    return _TASKS[name]
+
+
+def list_tasks() -> None:
+    """Print every task with its signature and a one-line description."""
+    _load_tasks()
+    width = max(len(n) for n in _TASKS)
+    for i, task in enumerate(_TASKS.values(), 1):
+        print(f"{i:2d}. {task.name:<{width}}  {task.summary}")
+        print(f"    {'':<{width}}  {task.signature}")
+
+
+# ---------------------------------------------------------------- drawing cases
+class _RandomDrawer:
+    """The drawer API on a seeded ``random.Random`` (used when Hypothesis is not installed)."""
+
+    def __init__(self, seed: int):
+        self._r = random.Random(seed)
+
+    def integers(self, lo: int, hi: int) -> int:
+        return self._r.randint(lo, hi)
+
+    def sampled_from(self, seq):
+        seq = list(seq)
+        return seq[self._r.randrange(len(seq))]
+
+    def booleans(self) -> bool:
+        return self._r.random() < 0.5
+
+    def seed(self) -> int:
+        return self._r.randrange(2**32)
+
+
+class _HypothesisDrawer:
+    """The drawer API on Hypothesis' ``st.data()``."""
+
+    def __init__(self, data, st):
+        self._data, self._st = data, st
+
+    def integers(self, lo: int, hi: int) -> int:
+        return self._data.draw(self._st.integers(lo, hi))
+
+    def sampled_from(self, seq):
+        return self._data.draw(self._st.sampled_from(list(seq)))
+
+    def booleans(self) -> bool:
+        return self._data.draw(self._st.booleans())
+
+    def seed(self) -> int:
+        return self._data.draw(self._st.integers(0, 2**32 - 1))
+
+
+def draw_cases(task: Task, n: int) -> list:
+    """``n`` cases of ``task`` drawn with Hypothesis (derandomized: the same cases on every run).
+
+    Hypothesis drives ``task.draw`` through ``@given(st.data())``, called here as a plain function
+    with only its generation phase (no database, no shrinking: the checker reports the smallest
+    failing case itself). Without Hypothesis installed, a ``random.Random`` seeded by the task's
+    name draws them instead, also deterministically.
+    """
+    if n <= 0:
+        return []
+    cases: list = []
+    try:
+        from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+        from hypothesis import strategies as st
+    except ImportError:
+        seed = sum(map(ord, task.name))
+        return [Case(task.draw(_RandomDrawer(seed + i))) for i in range(n)]
+
+    @settings(max_examples=n, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], verbosity=Verbosity.quiet, print_blob=False,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def collect(data):
+        if len(cases) < n:
+            cases.append(Case(task.draw(_HypothesisDrawer(data, st))))
+
+    collect()
+    return cases
+
+
+# ---------------------------------------------------------------- describing things in one line
+def _short_array(a, max_chars: int = 160) -> str:
+    a = np.asarray(a)
+    floats = a.dtype.kind == "f"
+    text = np.array2string(a, precision=4 if floats else 8, threshold=16, edgeitems=3,
+                           suppress_small=False, max_line_width=10**6)
+    text = " ".join(text.split())
+    return text if len(text) <= max_chars else text[: max_chars - 4] + " ...]"
+
+
+def _describe_value(name: str, v) -> str:
+    """'x (2, 5)', 'alpha=8', 'indices (5,) uint8 = [3 15 0 7 9]', 'config LlamaConfig(...)'."""
+    if hasattr(v, "hidden_size") and hasattr(v, "num_hidden_layers"):  # a LlamaConfig
+        return (f"{name}=LlamaConfig(hidden_size={v.hidden_size}, intermediate_size="
+                f"{v.intermediate_size}, num_hidden_layers={v.num_hidden_layers}, num_attention_heads="
+                f"{v.num_attention_heads}, num_key_value_heads={v.num_key_value_heads}, "
+                f"vocab_size={v.vocab_size})")
+    if isinstance(v, np.ndarray):
+        dt = "" if v.dtype == np.float64 else f" {v.dtype}"
+        shown = f" = {_short_array(v, 80)}" if v.size <= 8 else ""
+        return f"{name} {tuple(v.shape)}{dt}{shown}"
+    if isinstance(v, (list, tuple)) and len(v) <= 8:
+        return f"{name}={tuple(v)!r}" if isinstance(v, tuple) else f"{name}={v!r}"
+    text = repr(v)
+    return f"{name}={text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def describe_case(args: dict) -> str:
+    return ", ".join(_describe_value(k, v) for k, v in args.items())
+
+
+def _num(v) -> str:
+    """A number as a person writes it: 4,194,304 or 2.358108 (no np.float64(...) wrapper)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool):
+        return repr(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.7g}"
+    return repr(v)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- comparing outputs
+def _to_numpy(v):
+    """A learner may return a minilora Tensor, a CuPy array or a list: compare them as NumPy."""
+    if hasattr(v, "backward") and hasattr(v, "data"):  # a minilora Tensor: its array
+        v = v.data
+    if isinstance(v, (list, tuple)):
+        try:
+            return np.asarray(v)
+        except ValueError:  # ragged: leave it, the comparison reports "got a list"
+            return v
+    if type(v).__module__.startswith("cupy"):
+        return backend.to_numpy(v)
+    return v
+
+
+def compare_arrays(expected, got, part: str, rtol: float, atol: float, exact: bool = False):
+    """None when ``got`` matches ``expected`` (same shape; within rtol/atol, or exactly for integer
+    outputs), else a Diff saying what differs."""
+    got = _to_numpy(got)
+    if not isinstance(got, (np.ndarray, np.generic, int, float)):
+        return Diff(part, [f"expected {part + ' as ' if part else ''}an array of shape "
+                           f"{tuple(expected.shape)}, got a {type(got).__name__}"])
+    got = np.asarray(got)
+    if got.dtype == object or got.dtype.kind not in "biuf":
+        return Diff(part, [f"{part or 'the output'} has dtype {got.dtype}; "
+                           f"expected numbers ({expected.dtype})"])
+    label = f"{part} " if part else ""
+    if got.shape != expected.shape:
+        return Diff(part, [f"expected {label}shape {tuple(expected.shape)}, got shape {tuple(got.shape)}",
+                           f"expected {label}{_short_array(expected)}",
+                           f"got      {label}{_short_array(got)}"])
+    e64, g64 = expected.astype(np.float64), got.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(g64 - e64)
+        if exact:
+            bad = (g64 != e64)
+        else:
+            scale = max(1.0, float(np.max(np.abs(e64)))) if e64.size else 1.0
+            bad = ~(diff <= atol * scale + rtol * np.abs(e64))
+    bad |= np.isnan(g64) != np.isnan(e64)
+    if not bad.any():
+        return None
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    i = int(np.argmax(np.where(bad, diff, -1.0)))
+    where = np.unravel_index(i, expected.shape) if expected.ndim else ()
+    idx = tuple(int(j) for j in where)
+    md = float(diff.reshape(-1)[i]) if diff.size else 0.0
+    ev, gv = expected.reshape(-1)[i], got.reshape(-1)[i]
+    shape = f"{tuple(expected.shape)}" if expected.ndim else ""
+    lines = [f"expected {label}{shape}: {_short_array(expected)}",
+             f"got      {label}{shape}: {_short_array(got)}",
+             f"{int(bad.sum())} of {bad.size} entries differ; largest |diff| {md:.4g}"
+             + (f" at index {idx}" if idx else "") + f": expected {_num(ev)}, got {_num(gv)}"
+             if expected.ndim else f"|diff| {md:.4g}"]
+    return Diff(part, lines, md)
+
+
+def _compare_number(expected, got, part, rtol, atol):
+    got = _to_numpy(got)
+    if isinstance(got, np.ndarray) and got.size == 1:
+        got = got.reshape(()).item()
+    if isinstance(got, np.generic):
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return Diff(part, [f"expected {part or 'a number'} {_num(expected)}, got a {type(got).__name__}"])
+    label = f"{part} " if part else ""
+    if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
+        ok = float(got).is_integer() and int(got) == int(expected) if rtol == 0 and atol == 0 else \
+            math.isfinite(got) and abs(got - expected) <= atol + rtol * abs(expected)
+    else:
+        tol = atol * max(1.0, abs(expected)) + rtol * abs(expected)
+        ok = math.isfinite(got) and abs(got - expected) <= tol
+    if ok:
+        return None
+    ratio = f" ({got / expected:.4g}× the expected value)" if expected and math.isfinite(got) else ""
+    return Diff(part, [f"expected {label}{_num(expected)}", f"got      {label}{_num(got)}{ratio}"],
+                abs(got - expected) if math.isfinite(got) else math.inf)
+
+
+def compare(expected, got, task: Task, part: str = ""):
+    """The default comparison: arrays by shape then values, numbers, tuples and dicts part by part."""
+    if isinstance(expected, tuple):
+        names = task.output_names or tuple(f"output[{i}]" for i in range(len(expected)))
+        got = tuple(got) if isinstance(got, list) else got
+        if not isinstance(got, tuple) or len(got) != len(expected):
+            what = f"a tuple of {len(got)}" if isinstance(got, tuple) else \
+                f"an array of shape {got.shape}" if hasattr(got, "shape") else f"a {type(got).__name__}"
+            return Diff(part, [f"expected a tuple ({', '.join(names)}), got {what}"])
+        for name, e, g in zip(names, expected, got):
+            d = compare(e, g, task, name)
+            if d is not None:
+                return d
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            return Diff(part, [f"expected a dict with keys {list(expected)}, got a {type(got).__name__}"])
+        missing = [k for k in expected if k not in got]
+        if missing:
+            return Diff(part, [f"the dict has no key {missing[0]!r} (expected keys {list(expected)})"])
+        for k, e in expected.items():
+            d = compare(e, got[k], task, repr(k))
+            if d is not None:
+                return d
+        return None
+    if isinstance(expected, np.ndarray):
+        return compare_arrays(expected, got, part, task.rtol, task.atol,
+                              exact=expected.dtype.kind in "biu")
+    return _compare_number(expected, got, part, task.rtol, task.atol)
+
+
+def _compare(task: Task, expected, got, args) -> Diff | None:
+    if task.compare is not None:
+        return task.compare(expected, got, args)
+    return compare(expected, got, task)
+
+
+# ---------------------------------------------------------------- running functions
+def _copy_args(args: dict) -> list:
+    """Fresh copies, so a function that writes into its inputs cannot change the next one's."""
+    return [v.copy() if isinstance(v, np.ndarray) else v for v in args.values()]
+
+
+def _run_reference(task: Task, args: dict):
+    with np.errstate(all="ignore"):
+        return task.reference(*_copy_args(args))
+
+
+def _mistake_output(m: Mistake, args: dict):
+    try:
+        with np.errstate(all="ignore"):
+            return True, m.fn(*_copy_args(args))
+    except Exception:  # a mistake that cannot even run on this case explains nothing here
+        return False, None
+
+
+def _where_in(fn, exc: BaseException) -> str:
+    """The line of the learner's function where ``exc`` was raised (or that called the failing op)."""
+    code = getattr(fn, "__code__", None)
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if code is not None and f.filename == code.co_filename]
+    f = mine[-1] if mine else None
+    return f"at line {f.lineno}: {f.line.strip()}" if f is not None and f.line else ""
+
+
+def _size(case: Case) -> int:
+    return sum(v.size if isinstance(v, np.ndarray) else 1 for v in case.args.values())
+
+
+def _arity_problem(fn, task: Task, args: dict) -> str:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return ""
+    try:
+        sig.bind(*args.values())
+    except TypeError:
+        return (f"your function takes {sig} but the task passes ({', '.join(args)}): "
+                f"write it as {task.signature}")
+    return ""
+
+
+def _matches(task: Task, m: Mistake, k: int, case: Case, outcome) -> bool:
+    """Does mistake ``m`` behave like the learner on this case: the same output, or an exception of
+    the same type?"""
+    kind, value = outcome
+    if kind == "raised":
+        try:
+            with np.errstate(all="ignore"):
+                m.fn(*_copy_args(case.args))
+        except Exception as exc:  # noqa: BLE001  (any exception type is a fingerprint)
+            return type(exc) is type(value)
+        return False
+    ran, out = _mistake_output(m, case.args)
+    return ran and _compare(task, out, value, case.args) is None
+
+
+def _hint_for(task: Task, failing: list, outcomes: dict) -> tuple:
+    """Name the usual mistake that explains the failure. Returns (mistake name or None, hint).
+
+    First choice: the first mistake that behaves like the learner on every failing case (same output,
+    or the same exception type where the learner's code raised), provided at least one of those cases
+    is a wrong output rather than an exception (an exception type alone proves little). Second
+    choice, when the reported case is a wrong output: a mistake that matches on that case alone.
+    """
+    k0, case0 = failing[0]
+    some_output = any(outcomes[k][0] == "returned" for k, _ in failing)
+    if some_output:
+        for m in task.mistakes:
+            if all(_matches(task, m, k, c, outcomes[k]) for k, c in failing):
+                return m.name, m.hint
+    if outcomes[k0][0] == "returned":
+        for m in task.mistakes:
+            if _matches(task, m, k0, case0, outcomes[k0]):
+                return m.name, m.hint
+        return None, case0.note or task.hint
+    return None, case0.note or task.error_hint or task.hint
+
+
+def check(name: str, fn: Callable, max_examples: int = 30, verbose: bool = True,
+          raise_on_fail: bool = False) -> CheckResult:
+    """Check ``fn`` against the task ``name`` on its edge cases and ``max_examples`` drawn cases.
+
+    Prints a verdict (unless ``verbose=False``) and returns a CheckResult (truthy when all passed).
+    Never raises for a wrong answer unless ``raise_on_fail=True`` (then ``ExerciseFailed``).
+    """
+    task = get_task(name)
+    if not callable(fn):
+        raise ValueError(f"check({name!r}, ...) needs your function itself, got a {type(fn).__name__}; "
+                         f"pass it without calling it: check({name!r}, {name})")
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
+        raise ValueError(f"max_examples must be a whole number >= 0, got {max_examples!r}")
+    edges = list(task.edge_cases())
+    cases = edges + draw_cases(task, max_examples)
+    result = _run_all(task, fn, cases, n_edges=len(edges))
+    if verbose:
+        print(result.message)
+        result._printed = True
+    if raise_on_fail and not result:
+        raise ExerciseFailed(result.message)
+    return result
+
+
+def _run_all(task: Task, fn: Callable, cases: list, n_edges: int) -> CheckResult:
+    n = len(cases)
+    arity = _arity_problem(fn, task, cases[0].args)
+    if arity:
+        return CheckResult(task.name, ERROR, n_cases=n, n_failed=n, case=1, case_args=cases[0].args,
+                           message=f"{_MARK[ERROR]} {task.name}: {arity}")
+    outcomes, diffs, failing = {}, {}, []
+    for k, case in enumerate(cases):
+        try:
+            got = fn(*_copy_args(case.args))
+        except NotImplementedError:
+            msg = (f"{_MARK[NOT_DONE]} {task.name}: not implemented yet — replace "
+                   f"`raise NotImplementedError` with your code and run the check again")
+            return CheckResult(task.name, NOT_DONE, n_cases=n, n_failed=n, case=k + 1,
+                               case_args=case.args, message=msg)
+        except Exception as exc:  # the learner's bug: report it in words, never crash the notebook
+            outcomes[k] = ("raised", exc)
+            failing.append((k, case))
+            continue
+        outcomes[k] = ("returned", got)
+        d = _compare(task, _run_reference(task, case.args), got, case.args)
+        if d is not None:
+            diffs[k] = d
+            failing.append((k, case))
+    if not failing:
+        msg = (f"{_MARK[PASS]} {task.name}: all {n} cases passed "
+               f"({n_edges} edge cases + {n - n_edges} drawn by hypothesis)")
+        return CheckResult(task.name, PASS, n_cases=n, message=msg)
+    # Report an exception before a wrong value (it is what the learner must fix first), and the
+    # smallest such case (easiest to read), the earliest among equals.
+    failing.sort(key=lambda kc: (outcomes[kc[0]][0] != "raised", _size(kc[1]), kc[0]))
+    k, case = failing[0]
+    mistake, hint = _hint_for(task, failing, outcomes)
+    if callable(hint):
+        hint = hint(case.args)
+    where = f" on case {k + 1} of {n}{' (' + case.label + ')' if case.label else ''}: " \
+            f"{describe_case(case.args)}"
+    kind, value = outcomes[k]
+    if kind == "raised":
+        status = ERROR
+        lines = [f"{_MARK[ERROR]} {task.name} raised {type(value).__name__}{where}",
+                 f"  {type(value).__name__}: {_first_line(value)}"]
+        at = _where_in(fn, value)
+        if at:
+            lines.append(f"  {at}")
+    else:
+        status = FAIL
+        lines = [f"{_MARK[FAIL]} {task.name} failed{where}"] + [f"  {ln}" for ln in diffs[k].lines]
+    if hint:
+        lines.append(f"  hint: {hint}")
+    lines.append(f"  ({len(failing)} of {n} cases failed)")
+    return CheckResult(task.name, status, n_cases=n, n_failed=len(failing), case=k + 1,
+                       case_args=case.args, mistake=mistake, hint=hint or "", message="\n".join(lines))
+
+
+def check_all(namespace, max_examples: int = 30, verbose: bool = True) -> dict:
+    """Check every task whose function is defined in ``namespace`` (a dict such as ``globals()``, or a
+    module) and print one verdict per task. Returns {task name: CheckResult} for the ones found."""
+    get = namespace.get if isinstance(namespace, dict) else (lambda k: getattr(namespace, k, None))
+    results = {}
+    for name in task_names():
+        fn = get(name)
+        if callable(fn):
+            results[name] = check(name, fn, max_examples=max_examples, verbose=verbose)
+    if verbose:
+        passed = sum(bool(r) for r in results.values())
+        print(f"{passed} of {len(task_names())} tasks passed"
+              + ("" if len(results) == len(task_names()) else
+                 f" ({len(task_names()) - len(results)} not found: "
+                 f"{', '.join(n for n in task_names() if n not in results)})"))
+    return results
+

@@ -168,9 +168,10 @@ class Tensor:
             if node._backward is None or node.grad is None:
                 continue
             node._backward()
+            node.grad = None  # intermediate gradients are not kept (as in PyTorch), so a second
+            # backward(retain_graph=True) pass starts from zero instead of stale sums
             if not retain_graph:
                 node._backward, node._prev, node._freed = None, (), True
-                node.grad = None  # intermediate gradients are not kept (as in PyTorch)
 
     # ------------------------------------------------------------------ conveniences
     @property

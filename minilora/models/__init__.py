@@ -1,0 +1,31 @@
+"""Models: the Llama decoder, its config, Hugging Face checkpoint I/O, and the shipped base model.
+
+``LlamaForCausalLM`` has transformers' parameter names and file format (``save_pretrained`` /
+``from_pretrained`` with config.json + model.safetensors). ``load_base_model()`` loads the small
+byte-level Llama that ships with minilora (``minilora/assets/base-model``, made by
+``minilora pretrain``), the starting point of every LoRA example.
+"""
+from pathlib import Path
+
+from .config import PRESETS, LlamaConfig
+from .generation import KVCache, generate, sample_next_token
+from .hf_io import CheckpointError, load_safetensors, read_config
+from .llama import (CausalLMOutput, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
+                    LlamaModel, causal_lm_loss)
+from .rope import RotaryTables, rope_inverse_frequencies
+
+BASE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
+
+
+def load_base_model(device: str | None = None) -> LlamaForCausalLM:
+    """The shipped pretrained base model (byte-level, vocab 259), in float32 on ``device``."""
+    if not (BASE_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the base model is missing from {BASE_MODEL_DIR}; reinstall minilora "
+                                "or recreate it with `minilora pretrain`")
+    return LlamaForCausalLM.from_pretrained(BASE_MODEL_DIR, device=device)
+
+
+__all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer",
+           "LlamaAttention", "LlamaMLP", "CausalLMOutput", "causal_lm_loss", "KVCache", "generate",
+           "sample_next_token", "RotaryTables", "rope_inverse_frequencies", "CheckpointError",
+           "load_safetensors", "read_config", "load_base_model", "BASE_MODEL_DIR"]

@@ -1,0 +1,304 @@
+"""Optimizers, gradient clipping and learning-rate schedules, with PyTorch's formulas and defaults.
+
+* ``SGD`` (with optional momentum) and ``AdamW`` (Loshchilov & Hutter 2019, "Decoupled Weight Decay
+  Regularization": Adam's update plus a weight decay applied to the weights directly, not through the
+  gradient; Kingma & Ba 2015 for Adam's bias-corrected moments).
+* State (momentum buffers, Adam's two moments) exists only for parameters that require grad. This is
+  the memory half of LoRA's saving: a frozen 7B base needs no optimizer state at all, only the
+  adapters do (2 x 4 bytes per trainable parameter for AdamW).
+* ``clip_grad_norm_`` rescales all gradients together so their global L2 norm is at most max_norm.
+* ``get_cosine_schedule_with_warmup`` / ``WarmupCosine``: linear warm-up then a half-cosine decay,
+  the schedule of transformers' function of the same name.
+
+Updates run in place on whole arrays (one loop over parameters, never over elements), on whichever
+array module holds them (NumPy or CuPy). ``state_dict()`` gives host NumPy arrays, in torch's layout.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend, parallel
+from .tensor import Tensor, no_grad
+
+
+def _as_param_groups(params, defaults: dict) -> list:
+    """Turn an iterable of Tensors, or of dicts {"params": [...], **overrides}, into param groups."""
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list; pass model.parameters() (or the "
+                         "trainable ones)")
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    groups = []
+    for g in params:
+        ps = list(g["params"])
+        for p in ps:
+            if not isinstance(p, Tensor):
+                raise ValueError(f"optimizer params must be Tensors/Parameters, got {type(p).__name__}")
+        unknown = set(g) - set(defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"unknown optimizer option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+        group = dict(defaults)
+        group.update({k: v for k, v in g.items() if k != "params"})
+        group["params"] = ps
+        group.setdefault("initial_lr", group["lr"])
+        groups.append(group)
+    return groups
+
+
+class Optimizer:
+    """Base class: ``param_groups`` (dicts with "params" and hyperparameters), per-parameter ``state``
+    (created lazily, only for parameters that require grad and have a gradient), ``zero_grad``,
+    ``state_dict`` / ``load_state_dict``."""
+
+    _state_keys: tuple = ()
+
+    def __init__(self, params, defaults: dict):
+        self.defaults = dict(defaults)
+        self.param_groups = _as_param_groups(params, defaults)
+        self.state: dict = {}        # id(param) -> {"step": int, buffers...}
+
+    def _params(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p
+
+    def _trainable(self):
+        """(group, param) for every parameter the next step will update."""
+        for group, p in self._params():
+            if p.requires_grad and p.grad is not None:
+                yield group, p
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients (``p.grad = None``, as torch's default)."""
+        for _, p in self._params():
+            p.grad = None
+
+    def step(self) -> None:
+        """Update every trainable parameter that has a gradient (a loop over parameters, whose
+        updates are whole-array operations; on the CPU the parameters are shared among threads)."""
+        work = []
+        for group, p in self._trainable():
+            st = self.state.get(id(p))
+            if st is None:
+                st = self.state[id(p)] = self._init_state(p)
+            st["step"] += 1
+            work.append((p, st, group))
+        if not work:
+            return
+        total = sum(p.size for p, _, _ in work)
+        n = len(parallel.split_rows(len(work), total, backend.get_xp(work[0][0].data)))
+        shares = [[] for _ in range(n)]
+        sizes = [0] * n
+        for item in sorted(work, key=lambda it: -it[0].size):   # biggest first, to the lightest share
+            i = sizes.index(min(sizes))
+            shares[i].append(item)
+            sizes[i] += item[0].size
+
+        def run(share):
+            for p, st, group in share:
+                self._update(p, p.grad.astype(p.data.dtype, copy=False), st, group)
+        with no_grad():
+            parallel.run_chunks(run, shares)
+
+    def _init_state(self, p) -> dict:
+        xpmod = backend.get_xp(p.data)
+        return {"step": 0, **{k: xpmod.zeros_like(p.data) for k in self._state_keys}}
+
+    def _update(self, p, g, state: dict, group: dict) -> None:
+        raise TypeError(f"{type(self).__name__} defines no update rule")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """{"state": {index: {"step", buffers as NumPy}}, "param_groups": [{hyper..., "params":
+        [indices]}]}: torch's layout, parameters numbered in param_groups order."""
+        index, groups = 0, []
+        state = {}
+        for group in self.param_groups:
+            ids = []
+            for p in group["params"]:
+                st = self.state.get(id(p))
+                if st is not None:
+                    state[index] = {k: (backend.to_numpy(v).copy() if k != "step" else int(v))
+                                    for k, v in st.items()}
+                ids.append(index)
+                index += 1
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(own["params"]) for g, own in zip(groups, self.param_groups)):
+            raise ValueError("optimizer state_dict has a different number of parameter groups or "
+                             "parameters than this optimizer; build it over the same parameters")
+        params = [p for _, p in self._params()]
+        self.state = {}
+        for idx, st in state_dict["state"].items():
+            p = params[int(idx)]
+            xpmod = backend.get_xp(p.data)
+            new = {}
+            for k, v in st.items():
+                if k == "step":
+                    new[k] = int(v)
+                    continue
+                if tuple(np.shape(v)) != p.shape:
+                    raise ValueError(f"optimizer state {k!r} of parameter {idx} has shape "
+                                     f"{tuple(np.shape(v))}, expected {p.shape}")
+                new[k] = xpmod.asarray(backend.to_device(np.asarray(v), backend.device_of(p.data)),
+                                       dtype=p.data.dtype)
+            self.state[id(p)] = new
+        for own, g in zip(self.param_groups, groups):
+            own.update({k: v for k, v in g.items() if k != "params"})
+
+
+class SGD(Optimizer):
+    """p -= lr * (g + weight_decay p), with optional (heavy-ball) momentum, as torch.optim.SGD."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD needs lr, momentum, weight_decay >= 0, got {lr}, {momentum}, "
+                             f"{weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def _init_state(self, p) -> dict:
+        return {"step": 0}   # the momentum buffer is created from the first gradient
+
+    def _update(self, p, g, state, group) -> None:
+        if group["weight_decay"]:
+            g = g + group["weight_decay"] * p.data            # L2 through the gradient (coupled)
+        mu = group["momentum"]
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= mu
+                buf += (1.0 - group["dampening"]) * g
+            g = g + mu * buf if group["nesterov"] else buf
+        p.data -= group["lr"] * g
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay, exactly torch.optim.AdamW's arithmetic and defaults.
+
+    With g the gradient, t the step count:
+        p  <- p (1 - lr wd)                          (decoupled decay: not seen by the moments)
+        m  <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+        p  <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW needs lr, eps, weight_decay >= 0 and betas in [0, 1); got lr={lr},"
+                             f" betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _update(self, p, g, state, group) -> None:
+        xpmod = backend.get_xp(p.data)
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if wd:
+            p.data *= 1.0 - lr * wd
+        m *= b1
+        m += (1.0 - b1) * g
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        denom = xpmod.sqrt(v)
+        denom *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        denom += eps
+        upd = m / denom
+        upd *= lr / (1.0 - b1 ** t)
+        p.data -= upd
+
+
+def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:
+    """Scale every gradient by min(1, max_norm / (total_norm + eps)); return the total L2 norm
+    (before clipping), as torch.nn.utils.clip_grad_norm_. Parameters without a gradient are skipped."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    xpmod = backend.get_xp(params[0].grad)
+    sq = [xpmod.vdot(p.grad.ravel(), p.grad.ravel()) for p in params]   # one dot per parameter
+    total = float(xpmod.sqrt(xpmod.sum(xpmod.stack([xpmod.asarray(s, dtype=xpmod.float64)
+                                                          for s in sq]))))
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        for p in params:  # out of place: a gradient array may be shared with user code
+            p.grad = p.grad * p.grad.dtype.type(coef)
+    return total
+
+
+# ============================================================== schedules
+class WarmupCosine:
+    """lr multiplier for step s: s / warmup during warm-up, then 0.5 (1 + cos(pi * 2 * cycles *
+    progress)) floored at ``min_ratio``; transformers' ``get_cosine_schedule_with_warmup`` lambda."""
+
+    def __init__(self, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5,
+                 min_ratio: float = 0.0):
+        if num_warmup_steps < 0 or num_training_steps < 1:
+            raise ValueError(f"need num_warmup_steps >= 0 and num_training_steps >= 1, got "
+                             f"{num_warmup_steps} and {num_training_steps}")
+        self.warmup, self.total = int(num_warmup_steps), int(num_training_steps)
+        self.num_cycles, self.min_ratio = float(num_cycles), float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return float(step) / float(max(1, self.warmup))
+        progress = float(step - self.warmup) / float(max(1, self.total - self.warmup))
+        cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * self.num_cycles * 2.0 * progress)))
+        return self.min_ratio + (1.0 - self.min_ratio) * cosine
+
+
+class LambdaLR:
+    """Set each group's lr to initial_lr * lr_lambda(step), as torch.optim.lr_scheduler.LambdaLR:
+    applied for step 0 at construction, then once per ``step()`` (call it after optimizer.step())."""
+
+    def __init__(self, optimizer: Optimizer, lr_lambda):
+        self.optimizer = optimizer
+        self.lr_lambda = lr_lambda
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.lr_lambda(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self._apply()
+
+
+def get_cosine_schedule_with_warmup(optimizer: Optimizer, num_warmup_steps: int,
+                                    num_training_steps: int, num_cycles: float = 0.5) -> LambdaLR:
+    """Linear warm-up from 0 to the optimizer's lr, then cosine decay to 0 (transformers' schedule)."""
+    return LambdaLR(optimizer, WarmupCosine(num_warmup_steps, num_training_steps, num_cycles))
+
+
+def get_constant_schedule(optimizer: Optimizer) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+__all__ = ["Optimizer", "SGD", "AdamW", "clip_grad_norm_", "WarmupCosine", "LambdaLR",
+           "get_cosine_schedule_with_warmup", "get_constant_schedule"]

@@ -286,7 +286,9 @@ def test_round_trip_shape_dtype_and_error_bound(w, blocksize, quant_type):
     # |error| <= half the largest gap between codes * the block's absmax (+ float32 rounding:
     # the scaled value and the product are each within a few ulp).
     half_gap = np.diff(np.sort(q.code)).max() / 2
-    scale = np.repeat(q.absmax, blocksize)[: w.size].reshape(w.shape)
+    # The quantizer scales by max(absmax, 1e-38) (nf4.md step 2), so a block of subnormals is
+    # scaled by 1e-38 and rounds to the zero code: the bound uses that same clamped scale.
+    scale = np.maximum(np.repeat(q.absmax, blocksize)[: w.size].reshape(w.shape), np.float32(1e-38))
     assert np.all(np.abs(w - w_hat) <= scale * (half_gap + 1e-6))
 
 

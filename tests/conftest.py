@@ -22,12 +22,26 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+# MINILORA_TEST_DEVICE=cuda runs the whole suite with CUDA as the default device (the GPU run of
+# benchmarks/gpu.py does this); the default "cpu" is what CI and a laptop run.
+TEST_DEVICE = os.environ.get("MINILORA_TEST_DEVICE", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE == "cuda" and not backend.cuda_available():
+        skip = pytest.mark.skip(reason=f"MINILORA_TEST_DEVICE=cuda but {backend.cuda_unavailable_reason()}")
+        for item in items:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
-    """Every test starts from the same seeds and on the CPU in float32."""
+    """Every test starts from the same seeds, on the test device (CPU unless told), in float32."""
     backend.manual_seed(0)
     np.random.seed(0)
     old_dev = backend._device
+    if TEST_DEVICE != "cpu":
+        backend.set_device(TEST_DEVICE)
     yield
     backend._device = old_dev
     backend.set_default_float(np.float32)

@@ -1,0 +1,262 @@
+"""The one prepared GPU run: CUDA tests, then training-step times and memory against PyTorch + PEFT.
+
+Run on a machine with an NVIDIA GPU, CuPy and the interop extra:
+
+    python benchmarks/gpu.py --out gpu-results        # tests + tiny, small, medium (about 5 minutes)
+    python benchmarks/gpu.py --skip-tests --configs tiny --steps 3 --device cpu   # plumbing check
+
+What it does, in order:
+
+1. ``MINILORA_TEST_DEVICE=cuda pytest tests``: the whole suite with CUDA as the default device, plus
+   the GPU-only tests (``-m cuda``). Their summaries go to ``tests.log``.
+2. For each config (tiny, small, medium: issue 8's sizes) and each method (full fine-tuning, LoRA r=8
+   on q,k,v,o, QLoRA = the same LoRA on an NF4 base with double quantization), one training step
+   (forward, loss, backward, AdamW update) of minilora on CuPy and of transformers + PEFT on PyTorch
+   CUDA, same config and batch, float32, TF32 off on both, interleaved step by step; medians.
+3. Peak device memory per step: CuPy's memory pool (bytes held after a step that started from an
+   emptied pool) and ``torch.cuda.max_memory_allocated``, next to ``minilora.memory``'s prediction of
+   weights + gradients + optimizer state (activations are not predicted, so measured > predicted).
+4. QLoRA's frozen Linear weights: bits per parameter measured from the stored arrays on the device.
+
+Everything is printed and written to ``--out`` as ``gpu.json`` and ``gpu.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {
+    "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=344, seq=128, batch=16),
+    "small": dict(vocab_size=256, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                  intermediate_size=1024, seq=256, batch=16),
+    "medium": dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                   intermediate_size=2816, seq=512, batch=16),
+}
+METHODS = ("full", "lora", "qlora")
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def model_kwargs(cfg: dict) -> dict:
+    kw = {k: v for k, v in cfg.items() if k not in ("seq", "batch")}
+    kw.update(num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=cfg["seq"],
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return kw
+
+
+# ------------------------------------------------------------------ 1. the CUDA tests
+def run_tests(out_dir: str) -> dict:
+    env = dict(os.environ, MINILORA_TEST_DEVICE="cuda")
+    results = {}
+    for name, args in (("suite_on_cuda", ["tests", "-q", "-x", "--no-header", "-p", "no:cacheprovider"]),
+                       ("cuda_only", ["tests", "-q", "-m", "cuda", "--no-header",
+                                      "-p", "no:cacheprovider"])):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", *args], env=env if name == "suite_on_cuda"
+                              else os.environ, capture_output=True, text=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        results[name] = dict(returncode=proc.returncode, seconds=round(time.perf_counter() - t0, 1),
+                             summary=tail[-1] if tail else "")
+        with open(os.path.join(out_dir, f"tests_{name}.log"), "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        print(f"[tests] {name}: rc={proc.returncode} in {results[name]['seconds']} s: "
+              f"{results[name]['summary']}", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------ 2. minilora's step
+def minilora_step(cfg: dict, method: str, device: str):
+    import numpy as np
+
+    from minilora import backend
+    from minilora.lora import LoraConfig, get_peft_model
+    from minilora.models import LlamaConfig, LlamaForCausalLM
+    from minilora.optim import AdamW
+    from minilora.quant.linear import quantization_summary, quantize_model
+
+    backend.set_device(device)
+    backend.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**model_kwargs(cfg))).to(device)
+    bits = None
+    if method != "full":
+        if method == "qlora":
+            quantize_model(model, blocksize=64, double_quant=True)
+            bits = quantization_summary(model).get("bits_per_parameter")
+        model = get_peft_model(model, LoraConfig(**LORA))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AdamW(params, lr=1e-4)
+    ids = backend.to_device(np.random.default_rng(0).integers(0, cfg["vocab_size"],
+                                                              (cfg["batch"], cfg["seq"])), device)
+
+    def step():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        backend.synchronize()
+    return step, bits
+
+
+def minilora_peak_bytes(step) -> int | None:
+    from minilora import backend
+    pool = backend.memory_pool()
+    if pool is None or backend.get_device() != "cuda":
+        return None
+    backend.synchronize()
+    pool.free_all_blocks()      # the pool now holds only live arrays (model, optimizer state)
+    step()
+    return int(pool.total_bytes())  # freed blocks stay in the pool: this is the step's high-water mark
+
+
+# ------------------------------------------------------------------ 2'. the same in PyTorch + PEFT
+def torch_step(cfg: dict, method: str, device: str):
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    model = HFLlama(HFConfig(**model_kwargs(cfg), attn_implementation="sdpa")).to(dev)
+    if method == "qlora":  # the Linear layers in bnb's Linear4bit (NF4, double quant), fp32 compute
+        model = _to_bnb_4bit(model, dev)
+    if method != "full":
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model as peft_get_peft_model
+        model = peft_get_peft_model(model, PeftLoraConfig(**LORA))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), device=dev)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def _to_bnb_4bit(model, dev):
+    """Swap every decoder Linear for bitsandbytes' Linear4bit (NF4, double quant, fp32 compute)."""
+    import bitsandbytes as bnb
+    import torch
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False,
+                                  compute_dtype=torch.float32, compress_statistics=True,
+                                  quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False,
+                                         compress_statistics=True, quant_type="nf4")
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, q.to(dev))
+    return model
+
+
+def torch_peak_bytes(step) -> int | None:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def predicted_bytes(cfg: dict, method: str) -> int:
+    """minilora.memory's weights + gradients + optimizer state in float32 (no activations)."""
+    from minilora.memory import memory_breakdown
+    from minilora.models import LlamaConfig
+    b = memory_breakdown(LlamaConfig(**model_kwargs(cfg)), method, r=LORA["r"],
+                         target_modules=tuple(LORA["target_modules"]), weight_bytes=4,
+                         master_weights=False)
+    return int(b.total)
+
+
+def interleaved(fns: dict, steps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="tiny,small,medium")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="time minilora only")
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    report = dict(device=args.device, results=[], tests=None)
+    if args.device == "cuda":
+        from minilora import backend
+        if not backend.cuda_available():
+            print(f"no GPU: {backend.cuda_unavailable_reason()}")
+            return 2
+    if not args.skip_tests:
+        report["tests"] = run_tests(args.out)
+    for cname in args.configs.split(","):
+        cfg = CONFIGS[cname]
+        for method in args.methods.split(","):
+            row = dict(config=cname, method=method)
+            try:
+                ml_step, bits = minilora_step(cfg, method, args.device)
+                fns = {"minilora": ml_step}
+                if not args.no_torch:
+                    fns["torch"] = torch_step(cfg, method, args.device)
+                med = interleaved(fns, args.steps, args.warmup)
+                row.update({f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()})
+                if "torch" in med:
+                    row["ratio"] = round(med["minilora"] / med["torch"], 3)
+                row["minilora_peak_bytes"] = minilora_peak_bytes(ml_step)
+                if "torch" in fns:
+                    row["torch_peak_bytes"] = torch_peak_bytes(fns["torch"])
+                row["predicted_state_bytes"] = predicted_bytes(cfg, method)
+                row["qlora_bits_per_param"] = bits
+            except Exception as e:  # keep going: one failure must not lose the other figures
+                row["error"] = f"{type(e).__name__}: {e}"
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["config"], r["method"]): r for r in report["results"]}
+    lines = ["| config | method | minilora ms | torch ms | ratio | minilora peak MiB | torch peak MiB |"
+             " predicted state MiB |", "|---|---|---|---|---|---|---|---|"]
+    mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    for (c, m), r in by.items():
+        lines.append(f"| {c} | {m} | {r.get('minilora_ms', '-')} | {r.get('torch_ms', '-')} | "
+                     f"{r.get('ratio', '-')} | {mib(r.get('minilora_peak_bytes'))} | "
+                     f"{mib(r.get('torch_peak_bytes'))} | {mib(r.get('predicted_state_bytes'))} |")
+    for c in args.configs.split(","):
+        if (c, "lora") in by and (c, "full") in by and "minilora_ms" in by[(c, "lora")] \
+                and "minilora_ms" in by[(c, "full")]:
+            lines.append(f"\n{c}: LoRA step / full step (minilora) = "
+                         f"{by[(c, 'lora')]['minilora_ms'] / by[(c, 'full')]['minilora_ms']:.2f}")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Adapter files in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+An adapter is tiny next to its base model (r·(in + out) numbers per adapted layer), so it is saved on
+its own and loaded onto any copy of the same base. The layout is Hugging Face PEFT's
+(reference/peft-format.md), so files move both ways between minilora and PEFT:
+
+* tensor keys are the in-memory parameter names with the adapter name removed:
+  ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` is stored as
+  ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; a module in
+  ``modules_to_save`` as ``base_model.model.lm_head.weight``;
+* the "default" adapter goes in the directory itself, any other in a subfolder named after it;
+* files are written to a temporary name and renamed (``os.replace``), so a crash never leaves a
+  half-written adapter behind; nothing is ever pickled.
+
+Loading checks the files against the model before touching it: a missing file, a config that is not
+LoRA, a corrupt or truncated safetensors file, a weight for a module the model does not have, a
+shape that does not fit the base layer, a missing or unexpected key: each is a one-line error that
+names the thing and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from .. import backend
+from ..fileio import save_safetensors_atomic, write_text_atomic
+from ..models.hf_io import CheckpointError, load_safetensors
+from .config import LoraConfig
+from .layer import LoraLinear, ModulesToSaveWrapper
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the wrapped model
+
+
+# ------------------------------------------------------------------ tensors on disk
+def write_safetensors(path: str, tensors: dict) -> None:
+    """Save {name: array} as safetensors (host copies), atomically, with PEFT's metadata."""
+    host = {k: np.ascontiguousarray(backend.to_numpy(v)) for k, v in tensors.items()}
+    save_safetensors_atomic(host, path, metadata={"format": "pt"})
+
+
+def read_safetensors(path: str) -> dict:
+    """{name: float32 NumPy array} from a safetensors file (F32/F16/BF16, as PEFT may write them),
+    with a one-line error when the file is missing, corrupt or truncated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; save the adapter with save_pretrained first")
+    try:
+        return load_safetensors(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # SafetensorError, a short read, a bad offset
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({msg}); it is corrupt or "
+                         "truncated: save or copy the adapter again") from None
+
+
+# ------------------------------------------------------------------ key names
+def _adapter_param_names(peft_model, adapter_name: str) -> dict:
+    """{file key: Parameter} for one adapter (PEFT's get_peft_model_state_dict naming)."""
+    config = peft_model.peft_config[adapter_name]
+    out = {}
+    model = peft_model.base_model.model
+    for mod_name, mod in model.named_modules():
+        full = PREFIX + mod_name
+        if isinstance(mod, LoraLinear) and adapter_name in mod.lora_A:
+            out[f"{full}.lora_A.weight"] = mod.lora_A[adapter_name].weight   # (r, in)
+            out[f"{full}.lora_B.weight"] = mod.lora_B[adapter_name].weight   # (out, r)
+            bias = getattr(mod.base_layer, "bias", None)
+            if config.bias == "lora_only" and bias is not None:
+                out[f"{full}.base_layer.bias"] = bias
+        elif isinstance(mod, ModulesToSaveWrapper) and adapter_name in mod.modules_to_save:
+            for pname, p in mod.modules_to_save[adapter_name].named_parameters():
+                out[f"{full}.{pname}"] = p
+    if config.bias == "all":
+        for pname, p in peft_model.named_parameters():
+            if pname.endswith(".bias") and ".lora_" not in pname and ".modules_to_save." not in pname \
+                    and ".original_module." not in pname:
+                out.setdefault(pname, p)
+    return out
+
+
+def get_peft_model_state_dict(peft_model, adapter_name: str = "default") -> dict:
+    """{file key: array} of one adapter, as written to adapter_model.safetensors."""
+    peft_model._check_exists(adapter_name)
+    return {k: p.data for k, p in _adapter_param_names(peft_model, adapter_name).items()}
+
+
+# ------------------------------------------------------------------ saving
+def save_adapters(peft_model, save_directory, selected_adapters=None) -> None:
+    """Write each adapter's config and weights (PeftModel.save_pretrained)."""
+    if not peft_model.peft_config:
+        raise ValueError("this PeftModel has no adapters left (merge_and_unload/unload was called); "
+                         "save the returned model with its own save_pretrained instead")
+    names = list(peft_model.peft_config) if selected_adapters is None \
+        else peft_model._check_exists(selected_adapters)
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path")
+    for name in names:
+        target = save_directory if name == "default" else os.path.join(save_directory, name)
+        os.makedirs(target, exist_ok=True)
+        config = dataclasses.replace(peft_model.peft_config[name], inference_mode=True)
+        write_safetensors(os.path.join(target, WEIGHTS_NAME),
+                          get_peft_model_state_dict(peft_model, name))
+        write_text_atomic(os.path.join(target, CONFIG_NAME), config.to_json_string())
+
+
+# ------------------------------------------------------------------ loading
+def read_adapter_dir(directory) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, {file key: array}) from an adapter directory, with clear errors."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a folder written by "
+                                "save_pretrained? (a non-default adapter lives in a subfolder named "
+                                "after it)")
+    config = LoraConfig.from_json_file(cfg_path)
+    w_path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(w_path):
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            raise ValueError(f"{directory} has only adapter_model.bin, a pickle, which minilora never "
+                             "loads (it can run code); re-save it with PEFT's safe_serialization=True")
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; the adapter was not saved "
+                                "completely: save it again")
+    return config, read_safetensors(w_path)
+
+
+def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, directory: str,
+                         lora_names: list, saved_names: list) -> None:
+    """Every key names a module this model has, with the shape its base layer needs.
+
+    ``lora_names`` / ``saved_names`` are the modules the config would adapt / save (from
+    ``PeftModel.plan_injection``), so missing and unexpected keys are found before any change.
+    """
+    model = peft_or_model
+    expected = {}
+    for name in lora_names:
+        layer = model.get_submodule(name)
+        base = layer.base_layer if isinstance(layer, LoraLinear) else layer
+        r = config.rank_for(name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = ("A", name, r, base)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = ("B", name, r, base)
+    for name in saved_names:
+        mod = model.get_submodule(name)
+        mod = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
+        for pname, p in mod.named_parameters():
+            expected[f"{PREFIX}{name}.{pname}"] = ("saved", name, p.shape, None)
+    where = os.path.join(directory, WEIGHTS_NAME)
+    for key, array in tensors.items():
+        if key not in expected:
+            if config.bias != "none" and key.endswith(".bias"):
+                continue  # biases are checked by name when they are copied in
+            if not key.startswith(PREFIX):
+                raise ValueError(f"{where}: key {key!r} does not start with {PREFIX!r}; it is not a "
+                                 "PEFT adapter file")
+            mod_name = key[len(PREFIX):].rsplit(".", 2)[0] if ".lora_" in key else key[len(PREFIX):]
+            raise ValueError(f"{where} has a weight {key!r} that adapter_config.json's target_modules "
+                             f"do not produce for this model (module {mod_name!r} is not targeted or "
+                             "does not exist); was the adapter trained on a different base model?")
+        kind, name, want, base = expected[key]
+        shape = tuple(array.shape)
+        if kind == "A":
+            if len(shape) != 2 or shape[1] != base.in_features:
+                raise ValueError(f"shape of lora_A for {name} is {shape} but the base layer has "
+                                 f"in_features {base.in_features}; the adapter was trained on a "
+                                 "different base model")
+            if shape[0] != want:
+                raise ValueError(f"lora_A for {name} has rank {shape[0]} but {CONFIG_NAME} says "
+                                 f"r={want}; the config and weights do not belong together")
+        elif kind == "B":
+            if len(shape) != 2 or shape[0] != base.out_features:
+                raise ValueError(f"shape of lora_B for {name} is {shape} but the base layer has "
+                                 f"out_features {base.out_features}; the adapter was trained on a "
+                                 "different base model")
+            if shape[1] != want:
+                raise ValueError(f"lora_B for {name} has rank {shape[1]} but {CONFIG_NAME} says "
+                                 f"r={want}; the config and weights do not belong together")
+        elif shape != tuple(want):
+            raise ValueError(f"{key} has shape {shape} in {where} but the model's module needs "
+                             f"{tuple(want)}; the adapter was trained on a different base model")
+        if array.dtype.kind != "f":
+            raise ValueError(f"{key} in {where} has dtype {array.dtype}; adapter weights are floats")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{where} has no weight {missing[0]!r}"
+                         f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; "
+                         "the file does not match adapter_config.json: save the adapter again")
+
+
+def _copy_in(peft_model, adapter_name: str, tensors: dict, directory: str) -> None:
+    params = _adapter_param_names(peft_model, adapter_name)
+    for key, array in tensors.items():
+        p = params.get(key)
+        if p is None:
+            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)} has {key!r}, which this model "
+                             "has no parameter for; was the adapter trained on a different model?")
+        if tuple(array.shape) != p.shape:
+            raise ValueError(f"{key} has shape {tuple(array.shape)} in the file but {p.shape} in the "
+                             "model; the adapter was trained on a different base model")
+        xpmod = backend.get_xp(p.data)
+        p.data = xpmod.asarray(backend.to_device(array, backend.device_of(p.data)), dtype=p.data.dtype)
+
+
+def load_adapter_into(peft_model, directory, adapter_name: str, is_trainable: bool = False) -> None:
+    """PeftModel.load_adapter: check, inject (inactive), copy the weights in."""
+    directory = os.fspath(directory)
+    config, tensors = read_adapter_dir(directory)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    if adapter_name in peft_model.peft_config:
+        raise ValueError(f"an adapter called {adapter_name!r} already exists; load under another "
+                         "name or delete_adapter() it first")
+    resolved, lora_names, saved = peft_model.plan_injection(config)
+    _check_against_model(peft_model.base_model.model, resolved, tensors, directory, lora_names, saved)
+    peft_model._inject(adapter_name, config)
+    _copy_in(peft_model, adapter_name, tensors, directory)
+
+
+def from_pretrained(cls, model, directory, adapter_name: str = "default", is_trainable: bool = False):
+    """PeftModel.from_pretrained: everything is checked before ``model`` is modified."""
+    directory = os.fspath(directory)
+    config, tensors = read_adapter_dir(directory)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("the model already contains LoRA layers; call load_adapter on its PeftModel "
+                         "instead of PeftModel.from_pretrained")
+    from .model import plan_injection
+    resolved, lora_names, saved = plan_injection(model, config)
+    _check_against_model(model, resolved, tensors, directory, lora_names, saved)
+    peft_model = cls(model, config, adapter_name)
+    _copy_in(peft_model, adapter_name, tensors, directory)
+    return peft_model
+
+
+def adapter_size_bytes(directory) -> int:
+    """Bytes on disk of an adapter directory (both files, every subfolder)."""
+    total = 0
+    for root, _, files in os.walk(os.fspath(directory)):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def is_adapter_dir(directory) -> bool:
+    return os.path.isfile(os.path.join(os.fspath(directory), CONFIG_NAME))
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapters", "read_adapter_dir", "load_adapter_into",
+           "from_pretrained", "get_peft_model_state_dict", "read_safetensors", "write_safetensors",
+           "adapter_size_bytes", "is_adapter_dir"]

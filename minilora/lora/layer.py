@@ -1,0 +1,404 @@
+"""The LoRA layer: a frozen Linear plus a trainable low-rank side path, h = W0·x + (α/r)·B·(A·x).
+
+Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1. A pretrained
+weight W0 (out_features, in_features) stays frozen; the adapter learns A (r, in_features) and
+B (out_features, r), with r much smaller than either dimension. The forward pass never forms the
+(out, in) product B·A: x is squeezed to r numbers by A and expanded again by B, which costs
+r·(in + out) multiply-adds per token instead of in·out.
+
+Shapes and names follow PEFT (reference/peft-format.md), so that parameter names in memory read
+``...q_proj.base_layer.weight``, ``...q_proj.lora_A.default.weight``, ``...q_proj.lora_B.default.weight``:
+
+* ``base_layer``: the original Linear, its weight frozen (``requires_grad=False``), so autograd never
+  computes dL/dW0: the matmul that would produce it is skipped (tensor.py), and no optimizer state
+  exists for it;
+* ``lora_A[name]``: Linear(in_features -> r), weight (r, in_features);
+* ``lora_B[name]``: Linear(r -> out_features), weight (out_features, r);
+* several named adapters can live side by side; ``active_adapters`` says which ones run.
+
+Merging folds ΔW = (α/r)·B·A into W0 so that inference costs nothing extra; unmerging subtracts it.
+Both call ``lora/merge.py`` (the one place the formula is written).
+
+``lora_linear`` is the same layer as a single autograd op with a hand-written backward (a "fused"
+op, like those in ``functional.py``): the module-by-module form keeps three extra (batch, seq, out)
+arrays per layer alive until backward, which made LoRA training use *more* activation memory than
+full fine-tuning of a small model; the fused op keeps none. Tests check the two forms agree.
+
+Also here: ``ModulesToSaveWrapper`` (PEFT's way of training a whole module, e.g. ``lm_head``, next to
+the adapters) and ``ModuleDict`` (named submodules that never collide with method names).
+"""
+from __future__ import annotations
+
+import copy
+
+from .. import backend
+from .. import functional as F
+from ..nn import Linear, Module, Parameter, init_normal
+from ..ops import as_tensor
+from ..parallel import blas_single_thread, matmul  # matmul: rows split across CPU threads
+from ..tensor import Tensor, is_grad_enabled
+from . import merge as merge_math
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, lora_alpha: float,
+                r: int, use_rslora: bool = False, dropout_p: float = 0.0,
+                training: bool = False) -> Tensor:
+    """h = x·W0ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ as ONE autograd node (the LoRA layer, fused), s = α/r.
+
+    The same equation as ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``, but the module
+    form keeps three (batch, seq, out) arrays alive per layer until backward (B's output, the scaled
+    copy and the sum); this op keeps only its output and the small (N, r) product u = dropout(x)·Aᵀ.
+    Shapes: x (..., in) viewed as (N, in) with N = batch·seq, W0 (out, in), A (r, in), B (out, r).
+
+    Two ways to compute the same h, whichever is cheaper (they differ only by float rounding):
+    * the side path, x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: two thin GEMMs plus a pass over an (N, out) array;
+    * without dropout, h = x·(W0 + ΔW)ᵀ with the merged weight from ``merge.merge_weight``: forming
+      ΔW = s·B·A costs out·in·r multiply-adds, less than the side path's extra work once N is at
+      least max(in, out), as in any training batch (N = batch·seq in the thousands).
+
+    Backward, with g = dL/dh (N, out):
+      dL/dB = s·gᵀu            (out, r)     dL/dA = (s·g·B)ᵀ·dropout(x)   (r, in)
+      dL/dx = g·W0 + mask ⊙ (s·g·B)·A   (side path)   or   g·(W0 + ΔW)   (merged weight)
+      dL/dW0 = gᵀx, dL/db = Σ g: computed only when they require grad, i.e. never for a frozen base.
+    """
+    x = as_tensor(x, weight)
+    xpmod = backend.get_xp(x.data)
+    X = x.data
+    in_f, out_f = weight.shape[1], weight.shape[0]
+    X2 = X.reshape(-1, in_f)                                   # (..., in) -> (N, in)
+    N = X2.shape[0]
+    s = X2.dtype.type(merge_math.scaling(lora_alpha, r, use_rslora))
+    keep = None
+    Xd = X2
+    if training and dropout_p > 0.0:
+        keep = backend.random_uniform(X2.shape, xpmod, X2.dtype) >= dropout_p  # (N, in) bool
+        Xd = X2 * (keep * X2.dtype.type(1.0 / (1.0 - dropout_p)))             # inverted dropout
+    use_merged = keep is None and N >= max(in_f, out_f)
+
+    def merged_weight():                                       # W0 + s·B·A, (out, in)
+        # a small product: one BLAS thread, so that no BLAS threads are left spinning next to
+        # parallel.matmul's workers
+        with blas_single_thread():
+            return merge_math.merge_weight(weight.data, lora_A.data, lora_B.data, lora_alpha, r,
+                                           use_rslora)
+
+    u = None
+    if use_merged:
+        h = matmul(X2, merged_weight().T)                      # (N, in) @ (in, out) -> (N, out)
+        if lora_B.requires_grad and is_grad_enabled():
+            u = matmul(X2, lora_A.data.T)                      # (N, in) @ (in, r): kept for dL/dB
+    else:
+        u = matmul(Xd, lora_A.data.T)                          # (N, in) @ (in, r) -> (N, r)
+        h = matmul(X2, weight.data.T)                          # (N, in) @ (in, out) -> (N, out)
+        h += matmul(u * s, lora_B.data.T)                      # (N, r) @ (r, out): the low-rank path
+    if bias is not None:
+        h += bias.data
+    parents = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
+    out = Tensor._result(h.reshape(*X.shape[:-1], out_f), parents, "lora_linear")  # (..., out)
+
+    def _backward():
+        g = out.grad.reshape(-1, out_f)                        # (N, out)
+        gu = matmul(g, lora_B.data) * s                        # (N, out) @ (out, r) -> (N, r)
+        if lora_B.requires_grad:
+            lora_B._accum(matmul(g.T, u) * s, fresh=True)      # (out, N) @ (N, r) -> (out, r)
+        if lora_A.requires_grad:
+            lora_A._accum(matmul(gu.T, Xd), fresh=True)        # (r, N) @ (N, in) -> (r, in)
+        if x.requires_grad:
+            if use_merged:   # recomputed rather than kept: a weight-sized array per layer
+                gx = matmul(g, merged_weight())                # (N, out) @ (out, in) -> (N, in)
+            else:
+                gx = matmul(gu, lora_A.data)                   # (N, r) @ (r, in) -> (N, in)
+                if keep is not None:
+                    gx *= keep * X2.dtype.type(1.0 / (1.0 - dropout_p))
+                gx += matmul(g, weight.data)                   # (N, out) @ (out, in) -> (N, in)
+            x._accum(gx.reshape(X.shape), fresh=True)
+        if weight.requires_grad:                               # skipped for a frozen W0
+            weight._accum(matmul(g.T, X2), fresh=True)         # (out, N) @ (N, in) -> (out, in)
+        if bias is not None and bias.requires_grad:
+            bias._accum(g.sum(axis=0), fresh=True)
+    out._set_backward(_backward)
+    return out
+
+
+class ModuleDict(Module):
+    """Submodules by name (``lora_A["default"]``), registered so their parameters get dotted names.
+
+    Entries live only in ``_modules``, never as attributes, so an adapter may be called "train" or
+    "forward" without hiding a method.
+    """
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleDict values must be Modules, got {type(module).__name__}")
+        self._modules[key] = module
+
+    def __delitem__(self, key: str) -> None:
+        del self._modules[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self):
+        return self._modules.keys()
+
+    def items(self):
+        return self._modules.items()
+
+    def values(self):
+        return self._modules.values()
+
+
+def is_linear_like(module) -> bool:
+    """Can LoRA wrap this module? ``nn.Linear``, or any module that declares ``lora_targetable = True``
+    and has ``in_features`` / ``out_features`` (a frozen quantized Linear, for example)."""
+    if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+        return False
+    if isinstance(module, Linear):
+        return True
+    return bool(getattr(type(module), "lora_targetable", False)) and \
+        hasattr(module, "in_features") and hasattr(module, "out_features")
+
+
+class LoraLinear(Module):
+    """A frozen base Linear with LoRA adapters: ``base_layer(x) + Σ lora_B(lora_A(dropout(x))) · scaling``.
+
+    Convention (PEFT's and the paper's): ``lora_A[name].weight`` is (r, in_features) and
+    ``lora_B[name].weight`` is (out_features, r); ΔW = scaling · B @ A has the shape of W0,
+    (out_features, in_features). ``scaling[name]`` is α/r (α/√r with rsLoRA).
+
+    ``forward`` is the equation written with modules (``base_layer(x) + lora_B(lora_A(x))·s``). When
+    one adapter is active on a plain Linear it runs the same equation as one fused autograd op
+    (``lora_linear``), which keeps 3 fewer activation arrays per layer; set ``LoraLinear.fused =
+    False`` to run the module-by-module form (the tests check both give the same numbers).
+    """
+
+    fused = True
+
+    def __init__(self, base_layer: Module, module_name: str = ""):
+        super().__init__()
+        if not is_linear_like(base_layer):
+            raise ValueError(f"LoRA can only wrap Linear layers, got {type(base_layer).__name__}"
+                             f"{' at ' + module_name if module_name else ''}")
+        self.base_layer = base_layer
+        self.lora_A = ModuleDict()
+        self.lora_B = ModuleDict()
+        # per-adapter hyperparameters (plain dicts: they are not parameters)
+        self.r: dict = {}
+        self.lora_alpha: dict = {}
+        self.use_rslora: dict = {}
+        self.scaling: dict = {}
+        self.lora_dropout: dict = {}
+        self.active_adapters: list = []
+        self.merged_adapters: list = []     # in the order they were merged (unmerge reverses it)
+        self.disable_adapters = False
+        self.module_name = module_name      # the dotted name in the model, for error messages
+        for p in base_layer.parameters():
+            p.requires_grad = False          # frozen: backward will never compute dL/dW0
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self):
+        """The base layer's weight W0 (merged with any merged adapters)."""
+        return self.base_layer.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights=True, use_rslora: bool = False) -> None:
+        """Add an adapter called ``adapter_name`` with rank ``r``: A (r, in), B (out, r).
+
+        ``init_lora_weights``: True = A ~ U(-1/√in, 1/√in) (nn.Linear's default, PEFT's
+        kaiming_uniform(a=√5)) and B = 0, so ΔW = 0 and the layer's output is unchanged, bit for bit;
+        "gaussian" = A ~ N(0, (1/r)²), B = 0; False = A and B both random (ΔW ≠ 0, for tests).
+        """
+        if adapter_name in self.lora_A:
+            raise ValueError(f"{self.module_name or 'this layer'} already has an adapter called "
+                             f"{adapter_name!r}; pick another name or delete_adapter() it first")
+        scale = merge_math.scaling(lora_alpha, r, use_rslora)  # validates r and alpha
+        A = Linear(self.in_features, r, bias=False)   # weight (r, in): U(-1/√in, 1/√in)
+        B = Linear(r, self.out_features, bias=False)  # weight (out, r)
+        if init_lora_weights == "gaussian":
+            A.weight.data = backend.to_device(init_normal((r, self.in_features), 1.0 / r))
+        if init_lora_weights is True or init_lora_weights == "gaussian":
+            B.weight.data = backend.xp().zeros_like(B.weight.data)  # B = 0  =>  ΔW = B·A = 0
+        # The factors live on the base weight's device, in its dtype when that is float32/float64
+        # (float64 bases are used for gradient checks); a low-precision or quantized base keeps
+        # float32 factors, as PEFT trains them.
+        base_w = getattr(self.base_layer, "weight", None)
+        if isinstance(base_w, Parameter):
+            dev = backend.device_of(base_w.data)
+            wide = base_w.data.dtype.kind == "f" and base_w.data.dtype.itemsize >= 4
+            for lin in (A, B):
+                arr = backend.to_device(lin.weight.data, dev)
+                lin.weight.data = arr.astype(base_w.data.dtype) if wide else arr
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.scaling[adapter_name] = scale
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+
+    def set_adapter(self, adapter_names) -> None:
+        """Make these adapters the ones that run in forward (a name or a list of names)."""
+        self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {self.module_name}; "
+                             "unmerge_adapter() before deleting it")
+        for d in (self.r, self.lora_alpha, self.use_rslora, self.scaling, self.lora_dropout):
+            d.pop(adapter_name, None)
+        if adapter_name in self.lora_A:
+            del self.lora_A[adapter_name]
+            del self.lora_B[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x):
+        """h = W0·x + Σ_active (α/r)·B·(A·dropout(x)); only W0·x when merged or disabled."""
+        if self.disable_adapters:
+            if self.merged:  # the base weight holds ΔW: take it out so "disabled" means the base
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:      # W0 already contains ΔW: running the side path would add it twice
+            return self.base_layer(x)
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if self.fused and len(active) == 1 and type(self.base_layer) is Linear:
+            # the equation below as one autograd node (lora_linear): same numbers, less memory
+            name = active[0]
+            return lora_linear(x, self.base_layer.weight, self.base_layer.bias,
+                               self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.lora_alpha[name], self.r[name], self.use_rslora[name],
+                               self.lora_dropout[name], self.training)
+        result = self.base_layer(x)                                    # (..., out)
+        for name in active:
+            dropped = F.dropout(x, self.lora_dropout[name], self.training)  # (..., in)
+            # lora_A: (..., in) -> (..., r); lora_B: (..., r) -> (..., out)
+            result = result + self.lora_B[name](self.lora_A[name](dropped)) * self.scaling[name]
+        return result
+
+    # ------------------------------------------------------------------ merging
+    def _check_mergeable(self):
+        w = getattr(self.base_layer, "weight", None)
+        if not isinstance(w, Parameter) or w.data.dtype.kind != "f":
+            raise ValueError(f"cannot merge into {self.module_name or type(self.base_layer).__name__}:"
+                             " its base weight is not a float array (a quantized base?); dequantize "
+                             "it first or keep the adapter unmerged")
+        return w
+
+    def get_delta_weight(self, adapter_name: str):
+        """ΔW = scaling · B @ A for one adapter: an (out_features, in_features) array."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"{self.module_name or 'this layer'} has no adapter {adapter_name!r}; "
+                             f"it has {list(self.lora_A)}")
+        return merge_math.delta_weight(self.lora_A[adapter_name].weight.data,   # (r, in)
+                                       self.lora_B[adapter_name].weight.data,   # (out, r)
+                                       self.lora_alpha[adapter_name], self.r[adapter_name],
+                                       self.use_rslora[adapter_name],
+                                       name=f"{self.module_name} ({adapter_name})")
+
+    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """W0 += ΔW for each adapter (default: the active ones) not merged yet.
+
+        ``safe_merge`` computes the merged weight on a copy and refuses (ValueError) when it has
+        NaN/Inf, leaving W0 untouched.
+        """
+        names = self.active_adapters if adapter_names is None else \
+            ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        w = None
+        for name in names:
+            if name not in self.lora_A or name in self.merged_adapters:
+                continue
+            if w is None:
+                w = self._check_mergeable()
+            w.data = merge_math.merge_weight(w.data, self.lora_A[name].weight.data,
+                                             self.lora_B[name].weight.data, self.lora_alpha[name],
+                                             self.r[name], self.use_rslora[name],
+                                             safe_merge=safe_merge,
+                                             name=f"{self.module_name} ({name})")
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """W0 -= ΔW for every merged adapter, last merged first (exact up to float rounding)."""
+        if not self.merged_adapters:
+            return
+        w = self._check_mergeable()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w.data = merge_math.unmerge_weight(w.data, self.lora_A[name].weight.data,
+                                               self.lora_B[name].weight.data, self.lora_alpha[name],
+                                               self.r[name], self.use_rslora[name],
+                                               name=f"{self.module_name} ({name})")
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A]
+        state = ", merged" if self.merged else ""
+        return f"adapters=[{'; '.join(parts)}]{state}"
+
+
+class ModulesToSaveWrapper(Module):
+    """A module trained in full next to the adapters (PEFT's ``modules_to_save``, e.g. ``lm_head``).
+
+    ``original_module`` stays frozen; ``modules_to_save[name]`` is a trainable copy per adapter, used
+    when that adapter is active. Names in memory: ``lm_head.original_module.weight`` and
+    ``lm_head.modules_to_save.default.weight``; in the adapter file: ``lm_head.weight``.
+    """
+
+    def __init__(self, module: Module, module_name: str = ""):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.module_name = module_name
+        module.requires_grad_(False)
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            raise ValueError(f"{self.module_name} already has a trainable copy for {adapter_name!r}")
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+
+    def set_adapter(self, adapter_name) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self.active_adapter = next((n for n in names if n in self.modules_to_save), None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    def active_module(self) -> Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # attributes the model may read from the wrapped module (weight, in_features, ...)
+        if name.startswith("_") or "_modules" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.active_module(), name)

@@ -1,0 +1,414 @@
+"""Injecting LoRA into a model from the outside: ``get_peft_model`` and ``PeftModel`` (PEFT's API).
+
+The model (``models/llama.py``) knows nothing about LoRA. ``get_peft_model`` walks its modules by
+dotted name, replaces every targeted ``Linear`` (``config.target_modules``) with a ``LoraLinear``
+that wraps it, and freezes everything except the adapter factors A and B (and, on request, biases
+and ``modules_to_save``). That is the whole trick of LoRA (Hu et al., 2021): the pretrained weights
+never change, only r·(in + out) new numbers per adapted layer are trained.
+
+The object layout copies PEFT's, so that names line up everywhere: ``PeftModel.base_model`` is a
+``LoraModel`` whose ``.model`` is the original model, hence parameter names like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` exactly as in PEFT, and
+the adapter file keys are those names with the adapter name removed (``lora/io.py``).
+
+Several named adapters can live in one model (``add_adapter``, ``load_adapter``), one (or a list) is
+active (``set_adapter``); they can be merged into the base weights for free inference
+(``merge_adapter``, ``merge_and_unload``), switched off (``disable_adapter()``), removed
+(``delete_adapter``, ``unload``) or combined (``add_weighted_adapter``, ``lora/combine.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from contextlib import contextmanager
+
+from ..nn import Module
+from .config import DEFAULT_TARGET_MODULES, LoraConfig, matches
+from .layer import LoraLinear, ModulesToSaveWrapper, is_linear_like
+
+
+def _check_adapter_name(name) -> str:
+    if not isinstance(name, str) or not name or "." in name or not re.fullmatch(r"[\w\-]+", name):
+        raise ValueError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' "
+                         "(no dots: the name becomes part of parameter names like lora_A.<name>.weight)")
+    return name
+
+
+def _output_head_names(model: Module) -> set:
+    """Names of the output projection(s), which "all-linear" leaves alone (as PEFT does)."""
+    names = {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def _replace_submodule(model: Module, name: str, new: Module) -> None:
+    """Put ``new`` where the submodule ``name`` is, keeping its position among its siblings (so
+    parameter order, and with it state_dict and optimizer order, stays the model's own)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if child not in parent._modules:
+        raise AttributeError(f"{name!r} is not a submodule of {type(model).__name__}")
+    parent._modules[child] = new           # same key: an OrderedDict keeps its position
+    object.__setattr__(parent, child, new)
+
+
+def _plain_modules(model: Module):
+    """(name, module) of ``model``, skipping the insides of LoRA and saved-module wrappers."""
+    inside, out = [], []
+    for n, m in model.named_modules():
+        if any(n.startswith(p + ".") for p in inside):
+            continue
+        out.append((n, m))
+        if isinstance(m, (LoraLinear, ModulesToSaveWrapper)):
+            inside.append(n)
+    return out
+
+
+def _is_target_type(m) -> bool:
+    return is_linear_like(m) or isinstance(m, LoraLinear)
+
+
+def resolve_targets(model: Module, config: LoraConfig):
+    """config.target_modules with None -> Llama's default (q_proj, v_proj) and "all-linear" -> the
+    names of every Linear except the output head, as PEFT records them in the saved config."""
+    if config.target_modules is None:
+        return list(DEFAULT_TARGET_MODULES)
+    if config.target_modules == "all-linear":
+        heads = _output_head_names(model)
+        return sorted({n.rsplit(".", 1)[-1] for n, m in _plain_modules(model)
+                       if n and _is_target_type(m) and n not in heads})
+    return config.target_modules
+
+
+def plan_injection(model: Module, config: LoraConfig):
+    """Which modules ``config`` adapts in ``model``, without changing anything.
+
+    Returns (config with resolved target_modules, [names of Linear layers to adapt], [names of
+    modules to save]). Raises ValueError naming the Linear layers that exist when the targets match
+    none of them, or when a modules_to_save entry matches nothing.
+    """
+    targets = resolve_targets(model, config)
+    if targets != config.target_modules:
+        config = dataclasses.replace(config, target_modules=targets)
+    modules = _plain_modules(model)
+    lora_names, non_linear = [], []
+    for n, m in modules:
+        if not n or not matches(config, n):
+            continue
+        if _is_target_type(m):
+            lora_names.append(n)
+        elif not isinstance(m, ModulesToSaveWrapper):
+            non_linear.append(f"{n} ({type(m).__name__})")
+    if not lora_names:
+        linear = [n for n, m in modules if _is_target_type(m)]
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        why = f"; it matched modules that are not Linear: {non_linear[:3]}" if non_linear else ""
+        extra = (f" within layers_to_transform={config.layers_to_transform}"
+                 if config.layers_to_transform is not None else "")
+        raise ValueError(f"target_modules={config.target_modules!r} matched no Linear layer{extra}"
+                         f"{why}; the model's Linear layers are named {short} "
+                         f"(e.g. {linear[0] if linear else 'none'})")
+    saved = []
+    for wanted in config.modules_to_save or []:
+        found = [n for n, _ in modules if n == wanted or n.endswith("." + wanted)]
+        if not found:
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; its "
+                             f"top-level modules are {[n for n, _ in modules if n and '.' not in n]}")
+        saved += [n for n in found if n not in saved]
+    return config, lora_names, saved
+
+
+class LoraModel(Module):
+    """PEFT's ``LoraModel``: holds the user's model as ``.model`` (hence the ``base_model.model.``
+    prefix in names) and passes calls through to it."""
+
+    def __init__(self, model: Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(Module):
+    """A model with LoRA adapters injected; built by ``get_peft_model`` or ``PeftModel.from_pretrained``.
+
+    Attributes: ``base_model`` (a LoraModel; ``base_model.model`` is the wrapped model, whose Linear
+    layers are now LoraLinear), ``peft_config`` ({adapter name: LoraConfig}), ``active_adapter``.
+    Calling it (``model(input_ids, labels=...)``) and ``generate`` pass through to the wrapped model;
+    other attributes (``config``, ...) are looked up there too.
+    """
+
+    def __init__(self, model: Module, peft_config: LoraConfig, adapter_name: str = "default"):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise ValueError("the model is already a PeftModel; use add_adapter() to add another adapter")
+        if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError("the model already contains LoRA layers; wrap the original model once, "
+                             "then add_adapter() for more adapters (or unload() first)")
+        if not isinstance(peft_config, LoraConfig):
+            raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+        self.base_model = LoraModel(model)
+        self.peft_config: dict = {}
+        self.active_adapters: list = [_check_adapter_name(adapter_name)]
+        self._inject(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ pass-through
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's ``generate``; its Linear layers run with the active adapter(s)."""
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # only reached when normal lookup fails. As in PEFT, ask the LoraModel first (so that
+        # ``peft_model.model`` is the wrapped model), then the wrapped model (config, ...).
+        if name.startswith("_") or "_modules" not in self.__dict__ or "base_model" not in self._modules:
+            raise AttributeError(name)
+        lora_model = self._modules["base_model"]
+        if name in lora_model._modules or name in lora_model.__dict__:
+            return getattr(lora_model, name)
+        return getattr(lora_model.model, name)
+
+    def get_base_model(self) -> Module:
+        """The wrapped model (with its LoraLinear layers in place)."""
+        return self.base_model.model
+
+    @property
+    def active_adapter(self) -> str:
+        """The active adapter's name (the first one when several are active)."""
+        return self.active_adapters[0]
+
+    # ------------------------------------------------------------------ where the adapters live
+    def lora_layers(self):
+        """(dotted name in the wrapped model, LoraLinear) for every LoRA layer."""
+        return [(n, m) for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)]
+
+    def _saved_module_wrappers(self):
+        return [(n, m) for n, m in self.base_model.model.named_modules()
+                if isinstance(m, ModulesToSaveWrapper)]
+
+    def plan_injection(self, config: LoraConfig):
+        """What ``config`` would adapt in this model, without changing anything (see module-level
+        ``plan_injection``)."""
+        return plan_injection(self.base_model.model, config)
+
+    def _inject(self, adapter_name: str, config: LoraConfig) -> None:
+        """Wrap (or extend) every targeted Linear with adapter ``adapter_name``; record its config."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter called {adapter_name!r} already exists; pick another name or "
+                             "delete_adapter() it first")
+        config, lora_names, saved = self.plan_injection(config)
+        model = self.base_model.model
+        for name in lora_names:
+            layer = model.get_submodule(name)
+            if not isinstance(layer, LoraLinear):
+                layer = LoraLinear(layer, module_name=name)
+                _replace_submodule(model, name, layer)
+            layer.update_layer(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                               lora_dropout=config.lora_dropout,
+                               init_lora_weights=config.init_lora_weights,
+                               use_rslora=config.use_rslora)
+            layer.set_adapter(self.active_adapters)
+        for name in saved:
+            wrapper = model.get_submodule(name)
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper, module_name=name)
+                _replace_submodule(model, name, wrapper)
+            wrapper.update(adapter_name)
+            wrapper.set_adapter(self.active_adapters)
+        self.peft_config[adapter_name] = config
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        """Freeze everything, then unfreeze what the active adapters train (PEFT's rules).
+
+        Trainable: lora_A/lora_B (and modules_to_save copies) of the active adapters whose config is
+        not in inference_mode, and biases per the config's ``bias`` ("all": every bias, "lora_only":
+        those of adapted layers). Everything else, in particular every base weight, is frozen.
+        """
+        model = self.base_model.model
+        model.requires_grad_(False)
+        for adapter in self.active_adapters:
+            config = self.peft_config.get(adapter)
+            if config is None or config.inference_mode:
+                continue
+            for _, layer in self.lora_layers():
+                if adapter in layer.lora_A:
+                    layer.lora_A[adapter].requires_grad_(True)
+                    layer.lora_B[adapter].requires_grad_(True)
+                    if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                        layer.base_layer.bias.requires_grad = True
+            for _, wrapper in self._saved_module_wrappers():
+                if adapter in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter].requires_grad_(True)
+            if config.bias == "all":
+                for n, p in model.named_parameters():
+                    if n.endswith(".bias") or n == "bias":
+                        p.requires_grad = True
+
+    # ------------------------------------------------------------------ counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; a wrapped layer's base weight is counted once."""
+        trainable = total = 0
+        for _, p in self.named_parameters():
+            total += p.size
+            if p.requires_grad:
+                trainable += p.size
+        return int(trainable), int(total)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's one-line summary, e.g. ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7300``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    def _check_exists(self, names) -> list:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter called {n!r}; this model has {list(self.peft_config)}")
+        return names
+
+    def set_adapter(self, adapter_name) -> None:
+        """Make ``adapter_name`` (or a list of names) the adapter(s) that run and train."""
+        names = self._check_exists(adapter_name)
+        self.active_adapters = names
+        for _, layer in self.lora_layers():
+            layer.set_adapter(names)
+        for _, wrapper in self._saved_module_wrappers():
+            wrapper.set_adapter(names)
+        self._update_trainable()
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a second (third, ...) adapter with its own config; it is created inactive and frozen
+        (``set_adapter`` switches to it)."""
+        if not isinstance(peft_config, LoraConfig):
+            raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+        self._inject(adapter_name, peft_config)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its weights. Refused while it is merged, or if it is the only one."""
+        self._check_exists(adapter_name)
+        merged_in = [n for n, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights ({merged_in[0]}"
+                             f"{' ...' if len(merged_in) > 1 else ''}); call unmerge_adapter() first")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base "
+                             "model back instead")
+        for _, layer in self.lora_layers():
+            layer.delete_adapter(adapter_name)
+        for _, wrapper in self._saved_module_wrappers():
+            wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        self.set_adapter(remaining or next(iter(self.peft_config)))
+
+    @contextmanager
+    def disable_adapter(self):
+        """``with model.disable_adapter(): ...`` runs the base model alone (adapters skipped).
+
+        A merged adapter is unmerged first (the base weights must be the original ones); it stays
+        unmerged afterwards, as in PEFT.
+        """
+        self.unmerge_adapter()
+        layers = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_module_wrappers()]
+        for m in layers:
+            m.disable_adapters = True
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.disable_adapters = False
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Fold ΔW = (α/r)·B·A of the active adapters (or those named) into the base weights."""
+        names = self.active_adapters if adapter_names is None else self._check_exists(adapter_names)
+        for _, layer in self.lora_layers():
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged ΔW again: the base weights are W0 (up to float rounding)."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def _replace_wrappers(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> Module:
+        model = self.base_model.model
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        for name, layer in self.lora_layers():
+            _replace_submodule(model, name, layer.base_layer)
+        for name, wrapper in self._saved_module_wrappers():
+            _replace_submodule(model, name, wrapper.active_module() if merge else wrapper.original_module)
+        self.peft_config = {}
+        return model
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names=None) -> Module:
+        """Merge the active adapters into the base weights and return the wrapped model with plain
+        Linear layers again: a standalone model with no LoRA code in its forward pass.
+
+        The PeftModel is emptied (no adapters left). The returned model's parameters keep the
+        requires_grad flags they had (frozen), as in PEFT; call ``requires_grad_(True)`` to train it.
+        """
+        return self._replace_wrappers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> Module:
+        """Remove every adapter without merging and return the original model (any merged adapter is
+        unmerged first, so the weights are W0 again)."""
+        return self._replace_wrappers(merge=False)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """Combine adapters into a new one; see ``lora.combine.add_weighted_adapter`` (which are
+        exact: "cat"; approximate: "svd" truncates, "linear" adds cross terms)."""
+        from .combine import add_weighted_adapter
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory, selected_adapters=None) -> None:
+        """Write PEFT's files: adapter_config.json + adapter_model.safetensors for "default" in
+        ``save_directory``, and each other adapter in a subfolder named after it."""
+        from .io import save_adapters
+        save_adapters(self, save_directory, selected_adapters)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add the adapter saved in directory ``model_id`` under ``adapter_name`` (inactive; call
+        ``set_adapter`` to use it). Checked against this model's module names and shapes first."""
+        from .io import load_adapter_into
+        load_adapter_into(self, model_id, adapter_name, is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model: Module, model_id, adapter_name: str = "default",
+                        is_trainable: bool = False) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in directory ``model_id`` (ours or PEFT's).
+
+        ``is_trainable=False`` (PEFT's default) loads it for inference: nothing requires grad.
+        The files are checked against the model before the model is touched.
+        """
+        from .io import from_pretrained
+        return from_pretrained(cls, model, model_id, adapter_name, is_trainable)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.peft_config)}, active={self.active_adapters}"
+
+
+def get_peft_model(model: Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject LoRA adapters into ``model`` in place and return the ``PeftModel`` around it.
+
+    The config is copied (resolved target names are recorded in the copy, ``peft_model.peft_config``),
+    so the caller's LoraConfig is never modified.
+    """
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+    return PeftModel(model, dataclasses.replace(peft_config), adapter_name)

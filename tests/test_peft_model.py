@@ -373,3 +373,27 @@ def test_peft_model_to_float64_gradcheck_through_injected_model():
             return F.log_softmax(model(x))
 
         assert gradcheck(fn, [A0, B0], names=["lora_A", "lora_B"])
+
+
+def test_set_adapter_while_merged_unmerges_first():
+    """PEFT's behaviour: switching adapters while one is merged unmerges it (and warns), so the new
+    adapter, not the merged one, answers."""
+    import warnings as _w
+
+    from minilora.lora import LoraConfig, get_peft_model
+    from minilora.models import LlamaConfig, LlamaForCausalLM
+    backend.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=16)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    ids = np.arange(8).reshape(1, 8)
+    model.set_adapter("other")
+    expected = model(ids).data.copy()
+    model.set_adapter("default")
+    model.merge_adapter()
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        model.set_adapter("other")
+    assert any("unmerging" in str(w.message) for w in caught)
+    np.testing.assert_allclose(model(ids).data, expected, rtol=1e-5, atol=1e-5)

@@ -168,6 +168,18 @@ def is_linear_like(module) -> bool:
         hasattr(module, "in_features") and hasattr(module, "out_features")
 
 
+def is_quantized_base(module) -> bool:
+    """Is ``module`` a quantized frozen Linear (QLoRA's 4-bit base, ``quant.NF4Linear``)?
+
+    LoRA uses only these methods of it (duck-typed: lora/ knows nothing of quant/'s internals):
+    ``dequantized_weight()`` -> float (out, in) array (a copy), ``replace_weight(W)`` -> store W
+    re-quantized and return the error that rounding added, ``to_linear()`` -> a float ``Linear``,
+    and ``transient_weight()`` -> a weight handle whose ``.data`` dequantizes on each read.
+    """
+    return callable(getattr(module, "dequantized_weight", None)) and \
+        callable(getattr(module, "replace_weight", None))
+
+
 class LoraLinear(Module):
     """A frozen base Linear with LoRA adapters: ``base_layer(x) + Σ lora_B(lora_A(dropout(x))) · scaling``.
 
@@ -201,6 +213,7 @@ class LoraLinear(Module):
         self.merged_adapters: list = []     # in the order they were merged (unmerge reverses it)
         self.disable_adapters = False
         self.module_name = module_name      # the dotted name in the model, for error messages
+        self.requantization_error = None     # a 4-bit base: the error of the last re-quantization
         for p in base_layer.parameters():
             p.requires_grad = False          # frozen: backward will never compute dL/dW0
 
@@ -284,10 +297,13 @@ class LoraLinear(Module):
         if self.merged:      # W0 already contains ΔW: running the side path would add it twice
             return self.base_layer(x)
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if self.fused and len(active) == 1 and type(self.base_layer) is Linear:
-            # the equation below as one autograd node (lora_linear): same numbers, less memory
+        base = self.base_layer
+        if self.fused and len(active) == 1 and (type(base) is Linear or is_quantized_base(base)):
+            # the equation below as one autograd node (lora_linear): same numbers, less memory. A
+            # 4-bit base hands over a weight that dequantizes when read (forward, then backward).
             name = active[0]
-            return lora_linear(x, self.base_layer.weight, self.base_layer.bias,
+            weight = base.weight if type(base) is Linear else base.transient_weight()
+            return lora_linear(x, weight, base.bias,
                                self.lora_A[name].weight, self.lora_B[name].weight,
                                self.lora_alpha[name], self.r[name], self.use_rslora[name],
                                self.lora_dropout[name], self.training)
@@ -299,6 +315,26 @@ class LoraLinear(Module):
         return result
 
     # ------------------------------------------------------------------ merging
+    def _mergeable_weight(self):
+        """The base weight to merge into: the Parameter itself, or for a quantized base a float32
+        Tensor holding dequant(W0), written back by ``_store_weight``."""
+        if is_quantized_base(self.base_layer):
+            return Tensor(self.base_layer.dequantized_weight())
+        return self._check_mergeable()
+
+    def _store_weight(self, w) -> None:
+        """After merging: a quantized base re-quantizes the float result (as PEFT does on
+        bitsandbytes layers), which rounds it again; the error is kept in ``requantization_error``.
+        A float base was updated in place already."""
+        if is_quantized_base(self.base_layer):
+            self.requantization_error = self.base_layer.replace_weight(w.data)
+
+    def dequantize_base(self) -> None:
+        """Swap a quantized base for a float ``Linear`` holding dequant(W0) (nothing to do for a
+        float base), so that merging adds ΔW in float32 with no second rounding."""
+        if is_quantized_base(self.base_layer):
+            self.base_layer = self.base_layer.to_linear()
+
     def _check_mergeable(self):
         w = getattr(self.base_layer, "weight", None)
         if not isinstance(w, Parameter) or w.data.dtype.kind != "f":
@@ -322,34 +358,44 @@ class LoraLinear(Module):
         """W0 += ΔW for each adapter (default: the active ones) not merged yet.
 
         ``safe_merge`` computes the merged weight on a copy and refuses (ValueError) when it has
-        NaN/Inf, leaving W0 untouched.
+        NaN/Inf, leaving W0 untouched. A quantized (4-bit) base is dequantized, merged in float32
+        and re-quantized: see ``_store_weight``.
         """
         names = self.active_adapters if adapter_names is None else \
             ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
         w = None
-        for name in names:
-            if name not in self.lora_A or name in self.merged_adapters:
-                continue
-            if w is None:
-                w = self._check_mergeable()
-            w.data = merge_math.merge_weight(w.data, self.lora_A[name].weight.data,
-                                             self.lora_B[name].weight.data, self.lora_alpha[name],
-                                             self.r[name], self.use_rslora[name],
-                                             safe_merge=safe_merge,
-                                             name=f"{self.module_name} ({name})")
-            self.merged_adapters.append(name)
+        try:
+            for name in names:
+                if name not in self.lora_A or name in self.merged_adapters:
+                    continue
+                if w is None:
+                    w = self._mergeable_weight()
+                w.data = merge_math.merge_weight(w.data, self.lora_A[name].weight.data,
+                                                 self.lora_B[name].weight.data,
+                                                 self.lora_alpha[name], self.r[name],
+                                                 self.use_rslora[name], safe_merge=safe_merge,
+                                                 name=f"{self.module_name} ({name})")
+                self.merged_adapters.append(name)
+        finally:
+            if w is not None:
+                self._store_weight(w)
 
     def unmerge(self) -> None:
-        """W0 -= ΔW for every merged adapter, last merged first (exact up to float rounding)."""
+        """W0 -= ΔW for every merged adapter, last merged first (exact up to float rounding; a 4-bit
+        base is re-quantized, so it comes back only to within NF4 rounding, as in PEFT)."""
         if not self.merged_adapters:
             return
-        w = self._check_mergeable()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            w.data = merge_math.unmerge_weight(w.data, self.lora_A[name].weight.data,
-                                               self.lora_B[name].weight.data, self.lora_alpha[name],
-                                               self.r[name], self.use_rslora[name],
-                                               name=f"{self.module_name} ({name})")
+        w = self._mergeable_weight()
+        try:
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                w.data = merge_math.unmerge_weight(w.data, self.lora_A[name].weight.data,
+                                                   self.lora_B[name].weight.data,
+                                                   self.lora_alpha[name], self.r[name],
+                                                   self.use_rslora[name],
+                                                   name=f"{self.module_name} ({name})")
+        finally:
+            self._store_weight(w)
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A]

@@ -18,6 +18,8 @@ active (``set_adapter``); they can be merged into the base weights for free infe
 """
 from __future__ import annotations
 
+import warnings
+
 import dataclasses
 import re
 from contextlib import contextmanager
@@ -255,12 +257,14 @@ class PeftModel(Module):
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; a wrapped layer's base weight is counted once."""
+        """(trainable, total) parameter counts; a wrapped layer's base weight is counted once, and
+        weights stored in 4 bits (QLoRA), which are not Parameters, count too (as in PEFT)."""
         trainable = total = 0
         for _, p in self.named_parameters():
             total += p.size
             if p.requires_grad:
                 trainable += p.size
+        total += sum(int(getattr(m, "quantized_numel", 0)) for m in self.modules())
         return int(trainable), int(total)
 
     def print_trainable_parameters(self) -> None:
@@ -278,8 +282,16 @@ class PeftModel(Module):
         return names
 
     def set_adapter(self, adapter_name) -> None:
-        """Make ``adapter_name`` (or a list of names) the adapter(s) that run and train."""
+        """Make ``adapter_name`` (or a list of names) the adapter(s) that run and train.
+
+        As in PEFT, switching while adapters are merged into the base first unmerges them (with a
+        warning): otherwise the merged adapter would keep answering under the new name.
+        """
         names = self._check_exists(adapter_name)
+        merged = sorted({a for _, layer in self.lora_layers() for a in layer.merged_adapters})
+        if merged and merged != sorted(names):
+            warnings.warn(f"adapters {merged} are merged; unmerging them before switching to {names}")
+            self.unmerge_adapter()
         self.active_adapters = names
         for _, layer in self.lora_layers():
             layer.set_adapter(names)
@@ -341,8 +353,12 @@ class PeftModel(Module):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def _replace_wrappers(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> Module:
+    def _replace_wrappers(self, merge: bool, safe_merge: bool = False, adapter_names=None,
+                          requantize: bool = False) -> Module:
         model = self.base_model.model
+        if merge and not requantize:
+            for _, layer in self.lora_layers():
+                layer.dequantize_base()      # a 4-bit base becomes float: W = dequant(W0) + ΔW
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
@@ -354,14 +370,20 @@ class PeftModel(Module):
         self.peft_config = {}
         return model
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names=None) -> Module:
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names=None,
+                         requantize: bool = False) -> Module:
         """Merge the active adapters into the base weights and return the wrapped model with plain
         Linear layers again: a standalone model with no LoRA code in its forward pass.
 
         The PeftModel is emptied (no adapters left). The returned model's parameters keep the
         requires_grad flags they had (frozen), as in PEFT; call ``requires_grad_(True)`` to train it.
+
+        A 4-bit base (QLoRA): by default each adapted layer becomes a float32 ``Linear`` holding
+        dequant(W0) + ΔW exactly; ``requantize=True`` rounds that back to 4 bits instead (a smaller
+        model, one more rounding: ``quant.requantization_errors(model)`` reports it per layer).
         """
-        return self._replace_wrappers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._replace_wrappers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names,
+                                      requantize=requantize)
 
     def unload(self) -> Module:
         """Remove every adapter without merging and return the original model (any merged adapter is
@@ -403,12 +425,32 @@ class PeftModel(Module):
         return f"adapters={list(self.peft_config)}, active={self.active_adapters}"
 
 
-def get_peft_model(model: Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+QUANTIZE_TYPES = ("nf4", "fp4")
+
+
+def get_peft_model(model: Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   quantize: str | None = None, quant_blocksize: int = 64,
+                   double_quant: bool = True) -> PeftModel:
     """Inject LoRA adapters into ``model`` in place and return the ``PeftModel`` around it.
 
     The config is copied (resolved target names are recorded in the copy, ``peft_model.peft_config``),
     so the caller's LoraConfig is never modified.
+
+    QLoRA (Dettmers et al., 2023): ``quantize="nf4"`` first stores every frozen Linear of the model
+    in 4-bit NormalFloat (``quant.quantize_model``: blocksize ``quant_blocksize``, double
+    quantization of the constants by default; ``lm_head`` and ``modules_to_save`` stay in full
+    precision), then injects the adapters, whose factors A and B train in float32 on top of the
+    4-bit bases. ``quantize=None`` (default) is plain LoRA.
     """
     if not isinstance(peft_config, LoraConfig):
         raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+    if quantize is not None:
+        if quantize not in QUANTIZE_TYPES:
+            raise ValueError(f"quantize={quantize!r} is not a 4-bit type; use one of {QUANTIZE_TYPES} "
+                             "(QLoRA uses 'nf4') or None for plain LoRA")
+        from ..quant import quantize_model
+        plan_injection(model, peft_config)   # a config that matches nothing fails before any change
+        keep = ("lm_head",) + tuple(peft_config.modules_to_save or ())
+        quantize_model(model, blocksize=quant_blocksize, double_quant=double_quant,
+                       skip_modules=keep, quant_type=quantize)
     return PeftModel(model, dataclasses.replace(peft_config), adapter_name)

@@ -211,7 +211,7 @@ the fused op with respect to $x$, $A$, $B$ **and** $W_0$: the $W_0$ formula is r
 frozen layer never runs it."""),
     code(r"""x64, W64 = rng.standard_normal((4, 6)), rng.standard_normal((5, 6))
 A64, B64 = rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
-ok = gradcheck(lambda x, W, A, B: lora_linear(x, W, None, A, B, scaling=2.0),
+ok = gradcheck(lambda x, W, A, B: lora_linear(x, W, None, A, B, lora_alpha=4.0, r=2),  # s = 2
                [x64, W64, A64, B64], names=["x", "W0", "lora_A", "lora_B"])
 print("gradcheck of lora_linear w.r.t. x, W0, A, B:", ok)"""),
     md(r"""### What the frozen weight costs in backward: nothing

@@ -12,11 +12,13 @@ outputs use the full settings).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _write import write_notebook  # noqa: E402
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "notebooks" / "02_the_tiny_llama.ipynb"
@@ -383,14 +385,7 @@ $r\,(128 + 128)$ parameters next to $128^2$, the same ratio $2r/d$ at every scal
 
 
 def main():
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    fd, tmp = tempfile.mkstemp(dir=OUT.parent, suffix=".ipynb")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        nbformat.write(nb, f)
-    os.replace(tmp, OUT)
-    print(f"wrote {OUT}")
+    write_notebook(CELLS, OUT)
 
 
 if __name__ == "__main__":

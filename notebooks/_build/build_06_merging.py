@@ -11,11 +11,13 @@ committed outputs use the full settings).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _write import write_notebook  # noqa: E402
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "notebooks" / "06_merging.ipynb"
@@ -39,7 +41,6 @@ free and exact. In floating point they round, and this notebook measures how muc
 - **adapter arithmetic** (`add_weighted_adapter`: linear, cat, svd), and why only cat is exact."""),
     code(r"""import copy
 import os
-import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest (set before NumPy loads)
 
@@ -387,14 +388,7 @@ and its error is of the order of the update itself.
 
 
 def main():
-    nb = new_notebook(cells=CELLS)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    fd, tmp = tempfile.mkstemp(dir=OUT.parent, suffix=".ipynb")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        nbformat.write(nb, f)
-    os.replace(tmp, OUT)
-    print(f"wrote {OUT}")
+    write_notebook(CELLS, OUT)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,9 @@ def _prompt_line(ex) -> str:
 
 
 def _clean(text: str, width: int = 20) -> str:
-    """An answer for printing: control bytes as '·', newlines as '⏎', cut to ``width`` characters."""
-    text = "".join("⏎" if ch == "\n" else ch if ch.isprintable() else "·" for ch in text)
-    return '"' + (text if len(text) <= width else text[:width - 1] + "…") + '"'
+    """An answer for printing: newlines as '\\n', other control bytes as '.', cut to ``width``."""
+    text = "".join("\\n" if ch == "\n" else ch if ch.isprintable() else "." for ch in text)
+    return '"' + (text if len(text) <= width else text[:width - 3] + "...") + '"'
 
 
 def _show(title, examples, before, after=None) -> None:
@@ -73,7 +73,7 @@ def _show(title, examples, before, after=None) -> None:
         line = f"     {_prompt_line(ex):<{w}}  expected {_clean(ex['output']):<14} " \
                f"before {_clean(before[i]):<22}"
         if after is not None:
-            ok = "✓" if after[i].strip() == ex["output"].strip() else "✗"
+            ok = "ok" if after[i].strip() == ex["output"].strip() else "x"
             line += f" after {_clean(after[i]):<14} {ok}"
         print(line)
 
@@ -112,7 +112,7 @@ def save_loss_plot(history, path) -> bool:
 def run(args) -> int:
     from .data import ByteTokenizer, encode_prompt, make_instruction_dataset
     from .finetune import _targets, exact_match_accuracy, lora_finetune, per_family_accuracy
-    from .lora import LoraConfig
+    from .lora import LoraConfig, LoraLinear
     from .lora.io import adapter_size_bytes
     from .models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
 
@@ -136,6 +136,7 @@ def run(args) -> int:
     print(f"\n== 2. before fine-tuning ({len(train_set)} training instructions, {len(test)} held out "
           f"with words/names/numbers never seen in training)")
     acc_before, answers_before = exact_match_accuracy(base, test, tok)
+    t_eval = time.perf_counter()
     idx = [next(i for i, ex in enumerate(test) if ex is s) for s in shown]
     _show("   held-out instructions:", shown, [answers_before[i] for i in idx])
     print(f"   held-out exact-match accuracy: {acc_before:.1%}")
@@ -149,10 +150,12 @@ def run(args) -> int:
     model, history = lora_finetune(base, config, train_set, tok, steps=args.steps, lr=args.lr,
                                    batch_size=args.batch_size, seed=args.seed,
                                    progress=not args.no_progress)
+    t_train = time.perf_counter()
     model.print_trainable_parameters()
     first = np.mean([h["loss"] for h in history[:10]])
     last = np.mean([h["loss"] for h in history[-10:]])
-    print(f"   loss {first:.3f} -> {last:.3f} (mean of the first / last 10 steps)")
+    print(f"   loss {first:.3f} -> {last:.3f} (mean of the first / last 10 steps); "
+          f"{t_train - t_eval:.0f} s, {(t_train - t_eval) / args.steps * 1e3:.0f} ms per step")
 
     print("\n== 5. after fine-tuning")
     acc_after, answers_after = exact_match_accuracy(model, test, tok)
@@ -166,7 +169,13 @@ def run(args) -> int:
     prompts = [encode_prompt(ex, tok) for ex in shown]
     n = min(len(p) for p in prompts)
     probe = np.array([p[:n] for p in prompts])                  # (examples, shortest prompt)
-    unmerged = model(probe).numpy()
+    # unmerged: the equation term by term, W0·x + (α/r)·B·(A·x), module by module (LoraLinear's
+    # fused op may already use the merged weight for long inputs, which would make this check vacuous)
+    LoraLinear.fused = False
+    try:
+        unmerged = model(probe).numpy()
+    finally:
+        LoraLinear.fused = True
     model.merge_adapter()
     merged = model(probe).numpy()
     model.unmerge_adapter()

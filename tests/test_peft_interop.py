@@ -22,7 +22,14 @@ pytestmark = [pytest.mark.interop,
 
 TINY = dict(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-ATOL = 1e-5
+ATOL = 1e-5  # relative to the logits' scale: max |a - b| <= 1e-5 * max(1, max |b|)
+
+
+def assert_close(got, want):
+    """Same logits to 1e-5 of their scale. The weights are scaled so logits reach ~5; two float32
+    implementations then differ by a few 1e-6 (the bases alone, without LoRA, differ by ~6e-6)."""
+    err = np.abs(got - want).max()
+    assert err <= ATOL * max(1.0, float(np.abs(want).max())), f"max |diff| {err:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,7 @@ def hf_logits(model):
 
 
 def test_bases_agree(base_dir):
-    assert np.abs(mini_logits(mini_base(base_dir)) - hf_logits(hf_base(base_dir))).max() < ATOL
+    assert_close(mini_logits(mini_base(base_dir)), hf_logits(hf_base(base_dir)))
 
 
 @pytest.mark.parametrize("kw", [
@@ -75,15 +82,34 @@ def test_minilora_adapter_loads_in_peft(base_dir, tmp_path, kw):
     model.save_pretrained(tmp_path)
     hf = peft.PeftModel.from_pretrained(hf_base(base_dir), str(tmp_path)).eval()
     got = hf_logits(hf)
-    assert np.abs(got - want).max() < ATOL
+    assert_close(got, want)
     assert np.abs(got - hf_logits(hf_base(base_dir))).max() > 1e-2  # the adapter does something
     hf.merge_adapter()
     model.merge_adapter()
-    assert np.abs(hf_logits(hf) - mini_logits(model)).max() < ATOL
+    assert_close(hf_logits(hf), mini_logits(model))
     # same trainable-parameter count as PEFT reports
     hf_train = peft.PeftModel.from_pretrained(hf_base(base_dir), str(tmp_path), is_trainable=True)
     mini_train = MiniPeftModel.from_pretrained(mini_base(base_dir), tmp_path, is_trainable=True)
     assert mini_train.get_nb_trainable_parameters() == hf_train.get_nb_trainable_parameters()
+
+
+def test_long_inputs_use_the_merged_weight_path_and_still_match_peft(base_dir, tmp_path):
+    """With batch·seq >= the layer widths, LoraLinear computes x·(W0 + ΔW)ᵀ in one GEMM (training
+    speed); it must still give PEFT's logits, and so must the module-by-module form."""
+    from minilora.lora import LoraLinear
+    long_ids = np.random.default_rng(6).integers(0, 259, size=(4, 30))   # 120 rows >= 48
+    model = get_peft_model(mini_base(base_dir), MiniLoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                               target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    hf = peft.PeftModel.from_pretrained(hf_base(base_dir), str(tmp_path)).eval()
+    with torch.no_grad():
+        want = hf(torch.from_numpy(long_ids)).logits.numpy()
+    assert_close(model(long_ids).numpy(), want)
+    LoraLinear.fused = False
+    try:
+        assert_close(model(long_ids).numpy(), want)
+    finally:
+        LoraLinear.fused = True
 
 
 def test_peft_adapter_loads_in_minilora(base_dir, tmp_path):
@@ -94,11 +120,11 @@ def test_peft_adapter_loads_in_minilora(base_dir, tmp_path):
     want = hf_logits(hf)
     hf.save_pretrained(str(tmp_path))
     model = MiniPeftModel.from_pretrained(mini_base(base_dir), tmp_path)
-    assert np.abs(mini_logits(model) - want).max() < ATOL
+    assert_close(mini_logits(model), want)
     model.merge_adapter()
-    assert np.abs(mini_logits(model) - want).max() < ATOL
+    assert_close(mini_logits(model), want)
     plain = model.merge_and_unload()
-    assert np.abs(mini_logits(plain) - want).max() < ATOL
+    assert_close(mini_logits(plain), want)
 
 
 def test_peft_second_adapter_subfolder_and_modules_to_save(base_dir, tmp_path):
@@ -116,10 +142,10 @@ def test_peft_second_adapter_subfolder_and_modules_to_save(base_dir, tmp_path):
     want_other = hf_logits(hf)
     hf.save_pretrained(str(tmp_path))
     model = MiniPeftModel.from_pretrained(mini_base(base_dir), tmp_path)
-    assert np.abs(mini_logits(model) - want_default).max() < ATOL
+    assert_close(mini_logits(model), want_default)
     model.load_adapter(tmp_path / "other", "other")
     model.set_adapter("other")
-    assert np.abs(mini_logits(model) - want_other).max() < ATOL
+    assert_close(mini_logits(model), want_other)
 
 
 @pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
@@ -137,7 +163,7 @@ def test_add_weighted_adapter_matches_peft(base_dir, tmp_path, combination_type)
     model.set_adapter("mix")
     hf.set_adapter("mix")
     hf.eval()
-    assert np.abs(mini_logits(model) - hf_logits(hf)).max() < ATOL
+    assert_close(mini_logits(model), hf_logits(hf))
     hf_layers = dict(hf.base_model.model.named_modules())
     for name, layer in model.lora_layers():
         mine = layer.get_delta_weight("mix")

@@ -22,9 +22,7 @@ its NF4 storage, so keeping one per layer would give QLoRA's saving straight bac
 At any moment only one float32 matrix per distinct shape exists (a Llama has three or four shapes,
 whatever its depth), at the price of dequantizing each weight twice per training step. Dequantizing
 is one pass over the packed bytes, cheap next to the GEMMs it feeds (bitsandbytes makes the same
-choice). Reusing a buffer instead of allocating a new array each call also skips the page faults of
-a fresh multi-megabyte allocation, which on the CPU costs about as much as the dequantization.
-``release_workspace()`` frees the buffers (e.g. after training). Inference runs the same way. The
+choice: it dequantizes in forward and again in backward). ``release_workspace()`` frees the buffers (e.g. after training). Inference runs the same way. The
 buffers are shared process-wide: run concurrent forward passes (Python threads) on separate
 processes, not threads. (On CUDA, kernels and GEMMs queue on one stream, so reuse is ordered.)
 

@@ -32,23 +32,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = {
-    "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=344, seq=128, batch=16),
-    "small": dict(vocab_size=256, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                  intermediate_size=1024, seq=256, batch=16),
-    "medium": dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
-                   intermediate_size=2816, seq=512, batch=16),
-}
+from bench_train_step import CONFIGS as CPU_CONFIGS  # noqa: E402  (tiny, small)
+from bench_train_step import model_kwargs  # noqa: E402
+
+# issue 8's sizes: the CPU benchmark's tiny and small, plus a medium one that fills a GPU better
+CONFIGS = dict(CPU_CONFIGS, medium=dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8,
+                                        num_attention_heads=16, intermediate_size=2816, seq=512,
+                                        batch=16))
 METHODS = ("full", "lora", "qlora")
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
-
-def model_kwargs(cfg: dict) -> dict:
-    kw = {k: v for k, v in cfg.items() if k not in ("seq", "batch")}
-    kw.update(num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=cfg["seq"],
-              bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return kw
 
 
 # ------------------------------------------------------------------ 1. the CUDA tests

@@ -23,6 +23,7 @@ MIN_PARALLEL_ELEMENTS = 1 << 16   # below this, a thread hand-off costs more tha
 
 _pool = None
 _blas_controller = None
+_CPU_COUNT = os.cpu_count() or 1
 
 
 def num_threads() -> int:
@@ -33,7 +34,7 @@ def num_threads() -> int:
             return max(1, int(env))
         except ValueError:
             raise ValueError(f"MINILORA_NUM_THREADS={env!r} is not an integer; set it to e.g. 2") from None
-    return max(1, min(2, os.cpu_count() or 1))
+    return max(1, min(2, _CPU_COUNT))
 
 
 def _blas_libs() -> list:
@@ -141,8 +142,8 @@ def split_rows(n_rows: int, work: int, xpmod, min_work: int | None = None) -> li
     if xpmod is not np or n < 2 or n_rows < 2 or work < min_work:
         return [slice(None)]
     n = min(n, n_rows)
-    bounds = np.linspace(0, n_rows, n + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    bounds = [(i * n_rows + n // 2) // n for i in range(n + 1)]   # n near-equal parts (plain ints:
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]  # ~400 calls a step)
 
 
 MIN_PARALLEL_MACS = 1 << 21      # multiply-adds below which a matmul is not split

@@ -85,8 +85,11 @@ def test_set_and_get_submodule():
     assert isinstance(old, nn.Linear)
     ids = np.array([[1, 2]])
     before = net(ids).data
+    order = [n for n, _ in net.named_modules()]
     net.set_submodule("blocks.0.proj", Doubler(old))
     assert isinstance(net.get_submodule("blocks.0.proj"), Doubler)
+    # the replacement takes the old one's place: module order (and so parameter order) is kept
+    assert [n for n, _ in net.named_modules() if n != "blocks.0.proj.inner"] == order
     assert "blocks.0.proj.inner.weight" in dict(net.named_parameters())
     # RMSNorm is scale invariant, so doubling the projection leaves the output unchanged
     np.testing.assert_allclose(net(ids).data, before, rtol=1e-5, atol=1e-6)

@@ -39,12 +39,17 @@ class Module:
         if params is None:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  f"before setting {name!r}")
-        self._parameters.pop(name, None)
-        self._modules.pop(name, None)
+        # Assigning to an existing key keeps its place (as in torch), so replacing a submodule
+        # (a Linear by its LoRA wrapper) leaves the order of named_parameters() unchanged.
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             self._parameters[name] = value
         elif isinstance(value, Module):
+            self._parameters.pop(name, None)
             self._modules[name] = value
+        else:
+            self._parameters.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, parallel
 from .codebooks import FP4_CODE, INT4_CODE, NF4_CODE
 from .double_quant import NESTED_BLOCKSIZE, DoubleQuantState, double_quantize
 
@@ -372,20 +372,26 @@ class NF4Tensor(QuantizedTensor4bit):
 
 def _dequantize_numpy(packed, absmax, pairs, blocksize: int, n: int, out):
     """NumPy dequantization into ``out`` (n,): one 8-byte gather per packed byte (the two float32
-    codes of that byte, from the 256-entry ``pairs`` table), then a per-block multiply."""
+    codes of that byte, from the 256-entry ``pairs`` table), then a per-block multiply. Cache-sized
+    tiles of whole blocks, shared among CPU threads (``minilora.parallel``; NumPy releases the GIL
+    in both calls, and every tile is independent, so the result is the same bits on any count)."""
     n_full, rem = divmod(n, blocksize)
     half = blocksize // 2                                 # bytes per block
     full = out[: n_full * blocksize]
     full_pairs = full.view(np.uint64)                     # (n_full * half,): two float32 per byte
     full_blocks = full.reshape(n_full, blocksize)         # (n_full, blocksize)
-    # A byte never exceeds 255, the table's last index, so mode="clip" changes nothing; it skips
-    # NumPy's raise-on-error index path, which makes the gather about 3x faster.
-    tile = max(1, _TILE_VALUES // blocksize)
-    for start in range(0, n_full, tile):                  # cache-sized tiles of whole blocks
-        stop = min(start + tile, n_full)
-        np.take(pairs, packed[start * half: stop * half], out=full_pairs[start * half: stop * half],
-                mode="clip")
-        full_blocks[start:stop] *= absmax[start:stop, None]
+
+    def tiles(blocks: slice):
+        first, last = blocks.start or 0, n_full if blocks.stop is None else blocks.stop
+        tile = max(1, _TILE_VALUES // blocksize)
+        for start in range(first, last, tile):
+            stop = min(start + tile, last)
+            # A byte never exceeds 255, the table's last index, so mode="clip" changes nothing; it
+            # skips NumPy's raise-on-error index path, which makes the gather about 3x faster.
+            np.take(pairs, packed[start * half: stop * half],
+                    out=full_pairs[start * half: stop * half], mode="clip")
+            full_blocks[start:stop] *= absmax[start:stop, None]
+    parallel.run_chunks(tiles, parallel.split_rows(n_full, n_full * blocksize, np))
     if rem:                                               # the partial last block (maybe odd)
         tail = np.take(pairs, packed[n_full * half:], mode="clip").view(np.float32)[:rem]  # (rem,)
         np.multiply(tail, absmax[n_full], out=out[n_full * blocksize:])

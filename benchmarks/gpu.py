@@ -17,6 +17,10 @@ What it does, in order:
    emptied pool) and ``torch.cuda.max_memory_allocated``, next to ``minilora.memory``'s prediction of
    weights + gradients + optimizer state (activations are not predicted, so measured > predicted).
 4. QLoRA's frozen Linear weights: bits per parameter measured from the stored arrays on the device.
+5. minilora's own CUDA kernels (``minilora/cuda_kernels.py``: softmax, log_softmax, cross_entropy,
+   rms_norm) alone, forward + backward at the medium config's sizes, against the same op written with
+   generic CuPy array calls (``functional.USE_CUDA_KERNELS = False``) and against its composite of
+   primitive Tensor ops; medians of interleaved repeats. Skipped on the CPU.
 
 Everything is printed and written to ``--out`` as ``gpu.json`` and ``gpu.md``.
 """
@@ -187,6 +191,106 @@ def interleaved(fns: dict, steps: int, warmup: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# ------------------------------------------------------------------ 5. the fused kernels alone
+# (rows, columns) of each op at the medium config's sizes: a quarter of the attention scores
+# (batch * heads * seq / 4, seq), the LM head's logits (batch * seq, vocab) and a Llama-sized vocab,
+# the hidden states (batch * seq, hidden).
+KERNEL_CASES = (("softmax", (32768, 512)), ("log_softmax", (32768, 512)),
+                ("cross_entropy", (8192, 2048)), ("cross_entropy", (2048, 32000)),
+                ("rms_norm", (8192, 1024)))
+
+
+def _composite(op: str, x, w, targets):
+    """The op from primitive Tensor ops: every step a graph node and a full-size array."""
+    from minilora import Tensor, backend
+    if op == "rms_norm":
+        return x / ((x * x).mean(axis=-1, keepdims=True) + 1e-6).sqrt() * w
+    z = x - x.max(axis=-1, keepdims=True).detach()
+    if op == "softmax":
+        e = z.exp()
+        return e / e.sum(axis=-1, keepdims=True)
+    logp = z - z.exp().sum(axis=-1, keepdims=True).log()
+    if op == "log_softmax":
+        return logp
+    xp = backend.get_xp(x.data)
+    onehot = xp.zeros(x.shape, dtype=x.data.dtype)
+    onehot[xp.arange(x.shape[0]), targets] = 1.0
+    return -(logp * Tensor(onehot)).sum() / x.shape[0]
+
+
+def bench_kernels(device: str, steps: int, warmup: int, cases=KERNEL_CASES) -> list:
+    """Median ms of forward + backward for each fused op: kernel, generic CuPy code, composite."""
+    if device != "cuda":
+        print("[kernels] skipped: minilora's CUDA kernels run on a GPU only", flush=True)
+        return []
+    return time_fused_ops(device, steps, warmup, cases)
+
+
+def time_fused_ops(device: str, steps: int, warmup: int, cases) -> list:
+    """The timings of ``bench_kernels`` on any device (on the CPU all three are NumPy code)."""
+    import numpy as np
+
+    from minilora import Tensor, backend
+    from minilora import functional as F
+
+    backend.set_device(device)          # backend.synchronize() waits for the current device
+    rows = []
+    for op, (n, c) in cases:
+        row = dict(op=op, shape=[n, c])
+        try:
+            rng = np.random.default_rng(0)
+            x = Tensor(backend.to_device(rng.standard_normal((n, c), dtype=np.float32), device),
+                       requires_grad=True)
+            w = Tensor(backend.to_device(rng.standard_normal(c, dtype=np.float32), device),
+                       requires_grad=True)
+            t = backend.to_device(rng.integers(0, c, n), device)
+            g = backend.to_device(rng.standard_normal((n, c), dtype=np.float32), device)
+
+            def fused(use_kernels: bool):
+                def step():
+                    F.USE_CUDA_KERNELS = use_kernels
+                    try:
+                        if op == "rms_norm":
+                            F.rms_norm(x, w, 1e-6).backward(g)
+                        elif op == "cross_entropy":
+                            F.cross_entropy(x, t).backward()
+                        else:
+                            getattr(F, op)(x).backward(g)
+                    finally:
+                        F.USE_CUDA_KERNELS = True
+                    x.grad = w.grad = None
+                    backend.synchronize()
+                return step
+
+            def composite():
+                out = _composite(op, x, w, t)
+                out.backward(None if op == "cross_entropy" else g)
+                x.grad = w.grad = None
+                backend.synchronize()
+
+            med = interleaved({"kernel": fused(True), "generic": fused(False),
+                               "composite": composite}, steps, warmup)
+            row.update({f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()})
+            row["generic_over_kernel"] = round(med["generic"] / med["kernel"], 2)
+            row["composite_over_kernel"] = round(med["composite"] / med["kernel"], 2)
+        except Exception as e:  # keep going: one failure must not lose the other figures
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        print(f"[kernels] {json.dumps(row)}", flush=True)
+    return rows
+
+
+def kernels_table(rows: list) -> str:
+    lines = ["| op | shape | kernel ms | generic CuPy ms | composite ms | generic / kernel |"
+             " composite / kernel |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['shape'][0]} x {r['shape'][1]} | {r.get('kernel_ms', '-')} | "
+                     f"{r.get('generic_ms', '-')} | {r.get('composite_ms', '-')} | "
+                     f"{r.get('generic_over_kernel', '-')} | {r.get('composite_over_kernel', '-')} |"
+                     + (f" error: {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,small,medium")
@@ -196,10 +300,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--no-torch", action="store_true", help="time minilora only")
+    ap.add_argument("--skip-kernels", action="store_true",
+                    help="do not time the CUDA kernels against generic CuPy code (section 5)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    report = dict(device=args.device, results=[], tests=None)
+    report = dict(device=args.device, results=[], tests=None, kernels=[])
     if args.device == "cuda":
         from minilora import backend
         if not backend.cuda_available():
@@ -229,6 +335,8 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"
             report["results"].append(row)
             print(json.dumps(row), flush=True)
+    if not args.skip_kernels:
+        report["kernels"] = bench_kernels(args.device, args.steps, args.warmup)
     by = {(r["config"], r["method"]): r for r in report["results"]}
     lines = ["| config | method | minilora ms | torch ms | ratio | minilora peak MiB | torch peak MiB |"
              " predicted state MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -243,6 +351,9 @@ def main(argv=None) -> int:
             lines.append(f"\n{c}: LoRA step / full step (minilora) = "
                          f"{by[(c, 'lora')]['minilora_ms'] / by[(c, 'full')]['minilora_ms']:.2f}")
     text = "\n".join(lines)
+    if report["kernels"]:
+        text += "\n\nminilora's CUDA kernels, forward + backward (median ms):\n\n" + \
+            kernels_table(report["kernels"])
     print(text)
     with open(os.path.join(args.out, "gpu.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -4,7 +4,9 @@ Most functions here are *composites*: written with Tensor operations from ``ops.
 gradient for free, like tinygrad's. A few are *fused*: softmax, log_softmax, cross_entropy, rms_norm
 and layer_norm have a hand-written backward because their composite form stores several full-size
 intermediates and walks the data many times; each fused op is tested against its composite twin
-(``tests/test_functional.py``) and against PyTorch.
+(``tests/test_functional_fused.py``) and against PyTorch. On CUDA, softmax, log_softmax, cross_entropy and
+rms_norm of float32 arrays run as kernels of minilora's own (``cuda_kernels.py``: one thread block per
+row); everywhere else (NumPy, float64 gradient checks) the array code below runs.
 
 Shapes follow PyTorch: Linear weights are (out, in), activations (batch, seq, hidden), attention
 (batch, heads, seq, head_dim).
@@ -16,6 +18,7 @@ import math
 import numpy as np
 
 from . import backend
+from . import cuda_kernels
 from . import ops
 from . import parallel
 from .ops import as_tensor, concatenate, embedding, erf, sigmoid, where  # noqa: F401  (re-exported)
@@ -25,6 +28,22 @@ __all__ = ["relu", "gelu", "silu", "sigmoid", "softmax", "log_softmax", "cross_e
            "layer_norm", "dropout", "embedding", "linear", "scaled_dot_product_attention",
            "concatenate", "stack", "split", "where", "erf", "causal_mask", "rotary_embedding", "swiglu",
            "rotate_half", "rotary_embedding_composite", "scaled_dot_product_attention_composite"]
+
+
+# Set to False to run the fused ops on CuPy with generic array calls instead of minilora's CUDA
+# kernels (benchmarks/gpu.py times one against the other).
+USE_CUDA_KERNELS = True
+
+
+def _cuda_rows(*arrays) -> bool:
+    """True when a fused row op on these arrays runs as a CUDA kernel (``cuda_kernels``): all are
+    non-empty float32 CuPy arrays. The caller checks that the op reduces over the last axis."""
+    return (USE_CUDA_KERNELS and all(backend.get_xp(a) is not np and a.dtype == np.float32
+                                     and a.size > 0 and a.ndim > 0 for a in arrays))
+
+
+def _last_axis(x: Tensor, axis: int) -> bool:
+    return axis in (-1, x.ndim - 1)
 
 
 # ============================================================== activations (composites)
@@ -81,6 +100,8 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
     Backward: for s = softmax(x), dL/dx = s * (g - sum(g * s)) along the axis.
     """
+    if _cuda_rows(x.data) and _last_axis(x, axis):
+        return _softmax_cuda(x)
     xpmod = backend.get_xp(x.data)
     e = xpmod.exp(x.data - x.data.max(axis=axis, keepdims=True))
     s = e / e.sum(axis=axis, keepdims=True)
@@ -96,6 +117,8 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """x - logsumexp(x). Backward: dL/dx = g - softmax(x) * sum(g)."""
+    if _cuda_rows(x.data) and _last_axis(x, axis):
+        return _log_softmax_cuda(x)
     xpmod = backend.get_xp(x.data)
     z = x.data - x.data.max(axis=axis, keepdims=True)
     y = z - xpmod.log(xpmod.exp(z).sum(axis=axis, keepdims=True))
@@ -133,13 +156,15 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     if bool(bad.any()):
         raise ValueError(f"cross_entropy: target id {int(t[bad][0])} is outside [0, {C}) and is not "
                          f"ignore_index={ignore_index}; check the labels or the vocab size")
+    n_valid = valid.sum()
+    denom = n_valid.astype(z.dtype) if reduction == "mean" else z.dtype.type(1)
+    if _cuda_rows(z):
+        return _cross_entropy_cuda(logits, z, t, ignore_index, denom)
     safe_t = xpmod.where(valid, t, 0)
     rows = xpmod.arange(z.shape[0])
     zmax = z.max(axis=1, keepdims=True)
     lse = xpmod.log(xpmod.exp(z - zmax).sum(axis=1, keepdims=True)) + zmax  # (N, 1) logsumexp
     nll = (lse[:, 0] - z[rows, safe_t]) * valid                # (N,)
-    n_valid = valid.sum()
-    denom = n_valid.astype(z.dtype) if reduction == "mean" else z.dtype.type(1)
     out = Tensor._result(nll.sum() / denom, (logits,), "cross_entropy")
 
     def _backward():
@@ -161,6 +186,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     Row dot products use einsum (multiply and sum in one pass, no temporary); on the CPU the rows
     are split across threads (``minilora.parallel``).
     """
+    if _cuda_rows(x.data) and (weight is None or (_cuda_rows(weight.data)
+                                                   and weight.shape == x.shape[-1:])):
+        return _rms_norm_cuda(x, weight, eps)
     xpmod = backend.get_xp(x.data)
     C = x.shape[-1]
     x2 = x.data.reshape(-1, C)                                  # (N, C)
@@ -201,6 +229,70 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
                 t *= r[rows]
             parallel.for_rows(bwd, N, x2.size, xpmod)
             x._accum(gx.reshape(x.shape), fresh=True)
+    out._set_backward(_backward)
+    return out
+
+
+# -------------------------------------------------------------- the same four ops as CUDA kernels
+# The kernels (cuda_kernels.py) work on float32 rows (N, C); these functions reshape, launch, and
+# attach the backward, with the same formulas as the array code above.
+def _rowwise_cuda(x: Tensor, forward, backward, op: str) -> Tensor:
+    """A row op whose backward needs only its output y: softmax (dx from s) and log_softmax."""
+    C = x.shape[-1]
+    y = forward(x.data.reshape(-1, C))                                 # (N, C)
+    out = Tensor._result(y.reshape(x.shape), (x,), op)
+
+    def _backward():
+        if x.requires_grad:
+            dx = backward(y, out.grad.reshape(-1, C))                  # (N, C)
+            x._accum(dx.reshape(x.shape), fresh=True)
+    out._set_backward(_backward)
+    return out
+
+
+def _softmax_cuda(x: Tensor) -> Tensor:
+    return _rowwise_cuda(x, cuda_kernels.softmax_forward_cuda, cuda_kernels.softmax_backward_cuda,
+                         "softmax")
+
+
+def _log_softmax_cuda(x: Tensor) -> Tensor:
+    return _rowwise_cuda(x, cuda_kernels.log_softmax_forward_cuda,
+                         cuda_kernels.log_softmax_backward_cuda, "log_softmax")
+
+
+def _cross_entropy_cuda(logits: Tensor, z, t, ignore_index: int, denom) -> Tensor:
+    """z (N, C) float32 logits, t (N,) targets already checked; denom n_valid (mean) or 1 (sum)."""
+    lse, nll = cuda_kernels.cross_entropy_forward_cuda(z, t, ignore_index)   # (N,), (N,)
+    out = Tensor._result(nll.sum() / denom, (logits,), "cross_entropy")
+
+    def _backward():
+        if logits.requires_grad:
+            scale = out.grad / denom            # a 0-d device array: the host never waits for it
+            dz = cuda_kernels.cross_entropy_backward_cuda(z, t, ignore_index, lse, scale)
+            logits._accum(dz.reshape(logits.shape), fresh=True)
+    out._set_backward(_backward)
+    return out
+
+
+def _rms_norm_cuda(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    xpmod = backend.get_xp(x.data)
+    C = x.shape[-1]
+    x2 = xpmod.ascontiguousarray(x.data.reshape(-1, C))         # (N, C), kept for the backward
+    w = weight.data if weight is not None else None
+    y, r = cuda_kernels.rms_norm_forward_cuda(x2, w, eps)       # (N, C), (N,)
+    parents = (x,) if weight is None else (x, weight)
+    out = Tensor._result(y.reshape(x.shape), parents, "rms_norm")
+
+    def _backward():
+        g2 = out.grad.reshape(-1, C)                            # (N, C)
+        if weight is not None and weight.requires_grad:
+            # dw = sum over rows of g * xhat: a column sum across blocks, which one block per row
+            # cannot produce without atomics; CuPy's reduction does it in one pass (and with LoRA
+            # the norm weights are frozen, so this never runs in fine-tuning).
+            weight._accum(xpmod.einsum("ni,ni->i", g2, x2 * r[:, None]), fresh=True)
+        if x.requires_grad:
+            dx = cuda_kernels.rms_norm_backward_cuda(x2, w, r, g2)  # (N, C)
+            x._accum(dx.reshape(x.shape), fresh=True)
     out._set_backward(_backward)
     return out
 

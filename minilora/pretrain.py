@@ -4,7 +4,10 @@ LoRA adapts a model that already knows its language; this command makes such a m
 in a few CPU minutes. The recipe is nanoGPT's, at toy scale:
 
 * data: the Python standard library's docstrings (``minilora.data.pretraining_data``: ~1.5 M bytes
-  of technical English, on every machine, no download), one byte per token (``ByteTokenizer``);
+  of technical English, on every machine, no download), one byte per token (``ByteTokenizer``), with
+  ``--copy-fraction`` of the training bytes made of synthetic copy drills (``data.copy_drills``:
+  made-up words repeated later in the same record), so the model learns to copy from its context
+  (induction heads; Olsson et al., 2022), which the instruction tasks LoRA teaches later rely on;
 * model: a 4-layer Llama, hidden 128, 4 heads, SwiGLU width 344, vocab 259 (~0.9 M parameters);
 * training: random 128-byte windows, AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then
   cosine decay, gradient clipping at 1.0, a fixed seed;
@@ -27,6 +30,15 @@ from . import backend
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "base-model"
 SAMPLE_PROMPT = "The "
 SAMPLE_TOKENS = 200
+COPY_TEST_SPANS = 128
+# Chosen by experiment (seed 0, the demo's LoRA run on each base: held-out exact match after, docstring
+# validation loss, copy_accuracy):
+#   1500 steps: 0 -> 14% / 1.380 / 0%;  0.15 -> 23% / 1.446 / 0%;  0.25 -> 39% / 1.512 / 2%;
+#               0.5 -> 41% / 1.664 / 41%
+#   3000 steps: 0 (the earlier base) -> 17% / 1.281 / 0%;  0.15 -> 43% / 1.338 / 11%;
+#               0.25 -> 53% / 1.360 / 68%
+# 0.25 buys the copying (and +36 points of LoRA accuracy) for 0.08 nats/byte of docstring loss.
+DEFAULT_COPY_FRACTION = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--copy-fraction", type=float, default=DEFAULT_COPY_FRACTION,
+                        help="share of the training bytes that are synthetic copy drills (default "
+                        f"{DEFAULT_COPY_FRACTION:g}; 0 = docstrings only); validation is docstrings "
+                        "only either way")
     parser.add_argument("--max-chars", type=int, default=None,
                         help="use only the first N characters of the corpus (quick runs)")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float16",
@@ -63,8 +79,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def copy_accuracy(model, tokenizer, n: int = COPY_TEST_SPANS, seed: int = 1234) -> float:
+    """Share of ``n`` made-up spans that ``model`` copies exactly after seeing them once.
+
+    Each prompt is ``<|endoftext|>`` + a span of 1-4 ``pseudo_words`` + one of the drills'
+    ``SEPARATORS`` ("mib qzvk | "); greedy decoding must continue with the span itself. A direct test
+    of induction heads (Olsson et al., 2022): a model that cannot copy from its context scores ~0.
+    """
+    from .data.pretraining import SEPARATORS, pseudo_words
+    rng = np.random.default_rng(seed)  # its own seed: not the training drills
+    words = pseudo_words(4 * n, rng).reshape(n, 4).tolist()
+    spans = [" ".join(w[:k]) for w, k in zip(words, rng.integers(1, 5, size=n).tolist())]
+    seps = [SEPARATORS[i] for i in rng.integers(0, len(SEPARATORS), size=n).tolist()]
+    prompts = [[tokenizer.eos_id] + tokenizer.encode(span + sep) for span, sep in zip(spans, seps)]
+    by_length: dict = {}
+    for i, p in enumerate(prompts):  # generate() takes a batch of equal-length prompts
+        by_length.setdefault(len(p), []).append(i)
+    hits = 0
+    for length, rows in by_length.items():
+        ids = np.array([prompts[i] for i in rows], dtype=np.int64)                   # (b, length)
+        new = max(len(spans[i]) for i in rows)
+        out = np.asarray(model.generate(ids, max_new_tokens=new))[:, length:]         # (b, new)
+        hits += sum(tokenizer.decode(row[:len(spans[i])].tolist()) == spans[i]
+                    for row, i in zip(out, rows))
+    return hits / n
+
+
 def _readme(args, config, n_params, history, val_loss, sample, sampled, seconds, n_train,
-            n_val) -> str:
+            n_val, copy_score) -> str:
     words = sys.argv[1:]
     if words and words[0] == "pretrain":  # run as `minilora pretrain ...` (or python -m minilora)
         words = words[1:]
@@ -73,12 +115,33 @@ def _readme(args, config, n_params, history, val_loss, sample, sampled, seconds,
     train_loss = float(np.mean([h["loss"] for h in last])) if last else float("nan")
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     curve = "\n".join(f"| {s} | {v:.4f} |" for s, v in evals)
+    f = args.copy_fraction
+    copies = " and repeats what it was shown" if copy_score >= 0.5 else ""
+    if f > 0:
+        drill_intro = f"\nmixed with synthetic copy drills ({100 * f:g}% of the training bytes)"
+        drill_para = """
+
+The copy drills (`minilora.data.copy_drills`) are records in which made-up words come back later in
+the same record: mostly a span repeated past the 128-byte window (`mib qzvk | mib qzvk | ...`), some
+sentences (`qzvk is set to mib; reading qzvk later gives mib.`). Docstrings alone rarely reward
+copying from the context, so a base trained on them alone does not learn it, and instructions like
+"Repeat the word twice." stay out of LoRA's reach; the drills are there to grow induction heads, the
+attention heads that copy (Olsson et al., 2022). The validation set is docstrings only, so its losses
+compare with a docstrings-only base's."""
+        data_row = (f"stdlib docstrings + copy drills: {n_train:,} train bytes ({100 * f:g}% drills, "
+                    f"~{round(f * n_train):,}) / {n_val:,} validation bytes (docstrings only; whole "
+                    "documents held out)")
+    else:
+        drill_intro = drill_para = ""
+        data_row = (f"stdlib docstrings: {n_train:,} train / {n_val:,} validation bytes (whole "
+                    "documents held out)")
     return f"""# minilora base model
 
 A byte-level Llama (vocab 259: 256 bytes + `<|bos|>`, `<|endoftext|>`, `<|pad|>`) pretrained from
-scratch on the docstrings of Python's standard library, as the starting point for minilora's LoRA
-examples. Hugging Face format: `config.json` + `model.safetensors` (weights stored as {args.dtype};
-minilora loads them as float32). It writes English-looking technical prose; it knows nothing else.
+scratch on the docstrings of Python's standard library{drill_intro}, as the starting point for
+minilora's LoRA examples. Hugging Face format: `config.json` + `model.safetensors` (weights stored as
+{args.dtype}; minilora loads them as float32). It writes English-looking technical prose{copies};
+it knows nothing else.{drill_para}
 
 ## How it was made
 
@@ -88,11 +151,12 @@ minilora loads them as float32). It writes English-looking technical prose; it k
 |---|---|
 | architecture | {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} KV), SwiGLU {config.intermediate_size}, RoPE theta {config.rope_theta:g}, context {config.max_position_embeddings} |
 | parameters | {n_params:,} |
-| data | stdlib docstrings: {n_train:,} train / {n_val:,} validation bytes (whole documents held out) |
+| data | {data_row} |
 | training | {args.steps} steps x {args.batch_size} windows x {args.block_size} bytes, AdamW lr {args.lr:g} (warm-up {args.warmup}, cosine to {args.min_lr_ratio:g}x), wd {args.weight_decay:g}, clip 1.0, seed {args.seed} |
 | time | {seconds / 60:.1f} minutes on {platform.machine()} ({backend.get_device()}) |
 | final train loss | {train_loss:.4f} nats/byte (mean of the last {len(last)} steps) |
 | final validation loss | {val_loss:.4f} nats/byte ({val_loss / np.log(2):.3f} bits/byte) |
+| copy test | {copy_score:.1%} of {COPY_TEST_SPANS} made-up spans continued exactly after one sight (`minilora.pretrain.copy_accuracy`, greedy; ~0% for a model that cannot copy) |
 
 Validation loss during training:
 
@@ -148,7 +212,10 @@ def _run(args) -> int:
         backend.set_device(args.device)
     backend.manual_seed(args.seed)
     tok = ByteTokenizer()
-    train_ids, val_ids = pretraining_data(tok, max_chars=args.max_chars, seed=args.seed)
+    if not 0.0 <= args.copy_fraction < 1.0:
+        raise ValueError(f"--copy-fraction must be in [0, 1), got {args.copy_fraction}")
+    train_ids, val_ids = pretraining_data(tok, max_chars=args.max_chars, seed=args.seed,
+                                          copy_fraction=args.copy_fraction)
     config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
                          intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -156,8 +223,9 @@ def _run(args) -> int:
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     model = LlamaForCausalLM(config)
     n_params = model.num_parameters()
-    print(f"pretraining {n_params:,} parameters on {len(train_ids):,} bytes "
-          f"({len(val_ids):,} held out) for {args.steps} steps", flush=True)
+    drills = f", {100 * args.copy_fraction:g}% of them copy drills" if args.copy_fraction > 0 else ""
+    print(f"pretraining {n_params:,} parameters on {len(train_ids):,} bytes{drills} "
+          f"({len(val_ids):,} docstring bytes held out) for {args.steps} steps", flush=True)
 
     # no weight decay on norm gains (1-D), as nanoGPT / most Llama recipes
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -192,14 +260,16 @@ def _run(args) -> int:
     out = model.generate(prompt, max_new_tokens=SAMPLE_TOKENS, eos_token_id=tok.eos_id,
                          do_sample=True, temperature=0.8, top_k=40, seed=0)
     sampled = tok.decode(out[0].tolist())
+    copy_score = copy_accuracy(model, tok)
 
     out_dir = Path(args.out)
     model.save_pretrained(out_dir, dtype=np.float16 if args.dtype == "float16" else np.float32)
     from .fileio import write_text_atomic
     write_text_atomic(out_dir / "README.md", _readme(args, config, n_params, history, val_loss,
                                                      sample, sampled, seconds, len(train_ids),
-                                                     len(val_ids)))
-    print(f"done in {seconds / 60:.1f} min: val loss {val_loss:.4f} nats/byte; saved to {out_dir}")
+                                                     len(val_ids), copy_score))
+    print(f"done in {seconds / 60:.1f} min: val loss {val_loss:.4f} nats/byte, copies "
+          f"{copy_score:.0%} of {COPY_TEST_SPANS} made-up spans; saved to {out_dir}")
     print("greedy sample:", sample)
     print("sampled:", sampled)
     return 0

@@ -1,14 +1,16 @@
 """minilora.data: the byte tokenizer, the stdlib pretraining corpus, instruction data and batching."""
 import json
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minilora.data import (IGNORE_INDEX, TASK_FAMILIES, ByteTokenizer, collate, encode_instruction,
-                           encode_prompt, exact_match, format_prompt, iterate_batches, load_alpaca_json,
-                           load_stdlib_corpus, make_instruction_dataset, pretraining_data, random_batches,
+from minilora.data import (IGNORE_INDEX, NAMES, TASK_FAMILIES, WORDS, ByteTokenizer, collate,
+                           copy_drills, encode_instruction, encode_prompt, exact_match, format_prompt,
+                           iterate_batches, load_alpaca_json, load_stdlib_corpus,
+                           make_instruction_dataset, pretraining_data, random_batches,
                            save_alpaca_json, task_family)
 from minilora.data import pretraining
 
@@ -149,6 +151,72 @@ def test_random_batches():
     assert np.array_equal(x, x2)
     with pytest.raises(ValueError, match="block_size"):
         random_batches(ids[:10], 2, 16, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- copy drills
+_SPAN_REPEATED = re.compile(r"([a-z]+(?: [a-z]+)*)( \| |\n| -> |; )\1(?:\2\1)*")
+
+
+def test_copy_drills_deterministic_and_repeating():
+    drills = copy_drills(400, seed=5)
+    assert drills == copy_drills(400, seed=5)
+    assert drills != copy_drills(400, seed=6)
+    rng = np.random.default_rng(5)
+    assert copy_drills(400, rng) == drills and copy_drills(400, rng) != drills  # a Generator advances
+    assert all(d.isascii() and 20 <= len(d) <= 200 for d in drills)
+    spans = 0
+    for d in drills:
+        words = re.findall(r"[a-z]+", d.lower())
+        assert len(words) > len(set(words)), d            # some word comes back later in the record
+        m = _SPAN_REPEATED.fullmatch(d)
+        if m:                                             # "mib qzvk | mib qzvk | ...": copies agree
+            spans += 1
+            span, sep = m.group(1), m.group(2)
+            assert d.split(sep) == [span] * (d.count(sep) + 1) and 1 <= len(span.split()) <= 4
+            assert len(d) > pretraining.REPEAT_BYTES      # longer than a window: every window copies
+    assert abs(spans - pretraining.REPEAT_SHARE * 400) <= 40   # binomial sd ~9
+    assert copy_drills(0) == []
+
+
+def test_copy_drills_never_use_instruction_words():
+    # every word and name of the instruction data, train and held-out, checked over ~60k drill words
+    forbidden = set(WORDS) | {n.lower() for n in NAMES}
+    test = make_instruction_dataset(10, 210, seed=0)[1]
+    held_out = ({ex["input"] for ex in test if ex["input"].isalpha()}
+                | {n.lower() for ex in test for n in re.findall(r"Greet (\w+)", ex["instruction"])})
+    assert len(held_out) > 50 and held_out <= forbidden
+    words = {w.lower() for d in copy_drills(10_000, seed=0) for w in re.findall(r"[A-Za-z]+", d)}
+    assert len(words) > 15_000 and not words & forbidden
+    instruction_words = {w.lower() for ex in test for w in re.findall(r"[A-Za-z]+", ex["instruction"])}
+    assert words & instruction_words <= {"the", "a"}  # nor the instructions' own words
+    assert not any("###" in d or "Ahoy" in d for d in copy_drills(2000, seed=1))
+
+
+def test_pretraining_data_mixes_copy_drills():
+    docs = [f"Document {i} describes the parser in a few plain words. " * (1 + i % 4)
+            for i in range(120)]
+    plain_train, plain_val = pretraining_data(tok, val_fraction=0.1, documents=docs, seed=3)
+    train, val = pretraining_data(tok, val_fraction=0.1, documents=docs, seed=3, copy_fraction=0.25)
+    assert np.array_equal(val, plain_val)                 # validation: the same documents, no drills
+    assert np.array_equal(pretraining_data(tok, val_fraction=0.1, documents=docs, seed=3,
+                                           copy_fraction=0.25)[0], train)
+    records = tok.decode_bytes(train, skip_special=False).decode().split("<|endoftext|>")[:-1]
+    doc_set = set(docs)
+    kept = [r for r in records if r in doc_set]
+    plain = tok.decode_bytes(plain_train, skip_special=False).decode().split("<|endoftext|>")[:-1]
+    assert kept == plain                                  # every train document, in corpus order
+    drills = [r for r in records if r not in doc_set]
+    drill_bytes = sum(len(r) + 1 for r in drills)          # + its <|endoftext|>
+    assert abs(drill_bytes / len(train) - 0.25) <= 201 / len(train)  # to within one record
+    for d in drills:                                      # each one repeats a word
+        words = re.findall(r"[a-z]+", d.lower())
+        assert len(words) > len(set(words)), d
+    first_doc = records.index(kept[0])
+    assert 0 < len(drills) and records.index(drills[-1]) > first_doc  # interleaved, not appended
+    with pytest.raises(ValueError, match="copy_fraction"):
+        pretraining_data(tok, documents=docs, copy_fraction=1.0)
+    with pytest.raises(ValueError, match="copy_fraction"):
+        pretraining_data(tok, documents=docs, copy_fraction=-0.1)
 
 
 # ---------------------------------------------------------------- instruction dataset

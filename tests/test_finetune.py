@@ -105,14 +105,28 @@ def test_merge_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("minilora merge: error:") and "does not exist" in err and "\n" not in err
 
 
+def test_shipped_base_copies_from_its_context():
+    """The copy drills did their job: the shipped base continues a made-up span it has seen once.
+
+    Measured: 87 of 128 spans (68%; the docstrings-only base before it: 0). Asserted: half.
+    """
+    from minilora.pretrain import copy_accuracy
+    if not (BASE_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("the shipped base model is not built yet (minilora pretrain)")
+    assert copy_accuracy(load_base_model(), ByteTokenizer()) >= 0.5
+
+
 @pytest.mark.slow
 def test_real_finetune_raises_held_out_accuracy():
     """From the shipped base: held-out exact match rises from ~0 (CI: about a minute).
 
-    Measured with the base of 2026-11 (pretrained 3000 steps on docstrings): 0% before, 17% after
-    300 steps (the "length" family ~90%; families that copy the input stay near 0%, because that
-    base cannot copy from its context). The threshold is set below that; a base that can copy
-    reaches ~40% in the same run.
+    Measured with the shipped base (3000 steps on docstrings + 25% copy drills, which taught it to
+    copy from its context), this run (200 steps) over LoRA seeds 0-4: 0% before, then 44.3 / 45.7 /
+    42.9 / 44.3 / 48.6% after (31 / 32 / 30 / 31 / 34 of 70; mean 45%, sd 2 points), with the
+    families that copy the input learned: "repeat" 90-100%, "first_letter" 100%. Asserted: >= 35%
+    (25 of 70, 5 answers below the worst seed, room for other BLAS rounding), and >= 70% on each of
+    those two families (10 examples each; worst seen 9 of 10). The docstrings-only base it replaced
+    could not copy: 17% after, "repeat" 0%.
     """
     if not (BASE_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the shipped base model is not built yet (minilora pretrain)")
@@ -122,8 +136,10 @@ def test_real_finetune_raises_held_out_accuracy():
     before, _ = exact_match_accuracy(base, test, tok)
     model, history = lora_finetune(base, LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj"]), train_set, tok, steps=200, lr=3e-3, progress=False)
-    after, _ = exact_match_accuracy(model, test, tok)
-    print(f"held-out exact match: {before:.1%} -> {after:.1%}")
+    after, answers = exact_match_accuracy(model, test, tok)
+    family = per_family_accuracy(test, answers)
+    print(f"held-out exact match: {before:.1%} -> {after:.1%}; {family}")
     assert before <= 0.05
-    assert after >= before + 0.08
+    assert after >= 0.35
+    assert family["repeat"] >= 0.7 and family["first_letter"] >= 0.7   # the base copies its input
     assert np.mean([h["loss"] for h in history[-10:]]) < 0.5 * np.mean([h["loss"] for h in history[:10]])

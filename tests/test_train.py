@@ -108,3 +108,21 @@ def test_bad_batches():
         train(model, lambda s: {"ids": FIXED}, opt, steps=1, progress=False)
     with pytest.raises(ValueError):
         train(model, random_batch, opt, steps=-1, progress=False)
+
+
+# ---------------------------------------------------------------- the `minilora pretrain` command
+def test_pretrain_command_mixes_copy_drills_and_records_the_fraction(tmp_path, capsys):
+    from minilora.cli import main as cli_main
+    out = tmp_path / "base"
+    tiny = ["--hidden-size", "16", "--layers", "1", "--heads", "2", "--intermediate-size", "32",
+            "--block-size", "32", "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--max-chars", "20000", "--no-progress", "--out", str(out)]
+    assert cli_main(["pretrain", "--steps", "2", "--copy-fraction", "0.2", *tiny]) == 0
+    assert "20% of them copy drills" in capsys.readouterr().out
+    readme = (out / "README.md").read_text()
+    assert "copy drills (20% of the training bytes)" in readme and "20% drills" in readme
+    assert "validation bytes (docstrings only" in readme and "| copy test |" in readme
+    assert (out / "model.safetensors").is_file()
+    assert cli_main(["pretrain", "--steps", "2", "--copy-fraction", "1", *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--copy-fraction must be in [0, 1)" in err and "\n" not in err

@@ -4,7 +4,8 @@ Everything here produces plain integer arrays (NumPy on the host, moved to the c
 batch); nothing depends on the autograd engine.
 
 - ``ByteTokenizer``: UTF-8 bytes + <|bos|>, <|endoftext|>, <|pad|> (vocab 259).
-- ``pretraining_data`` / ``random_batches``: the standard library's docstrings as a token stream.
+- ``pretraining_data`` / ``random_batches``: the standard library's docstrings as a token stream,
+  optionally mixed with ``copy_drills`` (synthetic records that teach copying from the context).
 - ``make_instruction_dataset`` / ``load_alpaca_json`` / ``format_prompt``: instruction data.
 - ``collate`` / ``iterate_batches``: padded batches with the prompt masked out of the labels (-100).
 """
@@ -12,8 +13,8 @@ from .batching import IGNORE_INDEX, collate, encode_instruction, encode_prompt, 
 from .instructions import (NAMES, TASK_FAMILIES, WORDS, exact_match, format_prompt, load_alpaca_json,
                            load_instruction_dataset, make_instruction_dataset, save_alpaca_json,
                            task_family)
-from .pretraining import (cache_dir, extract_docstrings, load_stdlib_corpus, load_stdlib_docstrings,
-                          pretraining_data, random_batches, tokenize_documents)
+from .pretraining import (cache_dir, copy_drills, extract_docstrings, load_stdlib_corpus,
+                          load_stdlib_docstrings, pretraining_data, random_batches, tokenize_documents)
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -21,6 +22,6 @@ __all__ = [
     "IGNORE_INDEX", "collate", "encode_instruction", "encode_prompt", "iterate_batches",
     "NAMES", "TASK_FAMILIES", "WORDS", "exact_match", "format_prompt", "load_alpaca_json",
     "load_instruction_dataset", "make_instruction_dataset", "save_alpaca_json", "task_family",
-    "cache_dir", "extract_docstrings", "load_stdlib_corpus", "load_stdlib_docstrings",
+    "cache_dir", "copy_drills", "extract_docstrings", "load_stdlib_corpus", "load_stdlib_docstrings",
     "pretraining_data", "random_batches", "tokenize_documents",
 ]

@@ -31,7 +31,9 @@ CELLS = [
 LoRA adapts the projections inside a transformer: $W_q, W_k, W_v, W_o$ and the MLP's three
 matrices. Before adapting them, it helps to see what they do. minilora ships a small byte-level
 Llama (`minilora.models.load_base_model()`), pretrained on the docstrings of Python's standard
-library: same architecture as Llama, 4 layers of width 128. This notebook:
+library mixed with synthetic *copy drills* (a quarter of the training bytes: made-up words that come
+back later in the same record, so that the model learns to copy from its context; the model's
+README has the details): same architecture as Llama, 4 layers of width 128. This notebook:
 
 - walks a prompt through the **embedding and one decoder block**, one submodule at a time, with the
   shape of every intermediate, and checks the result against the block itself;

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_train_step import CONFIGS as CPU_CONFIGS  # noqa: E402  (tiny, small)
 from bench_train_step import model_kwargs  # noqa: E402
+from common import interleaved_medians  # noqa: E402
 
 # issue 8's sizes: the CPU benchmark's tiny and small, plus a medium one that fills a GPU better
 CONFIGS = dict(CPU_CONFIGS, medium=dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8,
@@ -178,19 +178,6 @@ def predicted_bytes(cfg: dict, method: str) -> int:
     return int(b.total)
 
 
-def interleaved(fns: dict, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(steps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 # ------------------------------------------------------------------ 5. the fused kernels alone
 # (rows, columns) of each op at the medium config's sizes: a quarter of the attention scores
 # (batch * heads * seq / 4, seq), the LM head's logits (batch * seq, vocab) and a Llama-sized vocab,
@@ -268,8 +255,8 @@ def time_fused_ops(device: str, steps: int, warmup: int, cases) -> list:
                 x.grad = w.grad = None
                 backend.synchronize()
 
-            med = interleaved({"kernel": fused(True), "generic": fused(False),
-                               "composite": composite}, steps, warmup)
+            med = interleaved_medians({"kernel": fused(True), "generic": fused(False),
+                                       "composite": composite}, steps=steps, warmup=warmup)
             row.update({f"{k}_ms": round(v * 1e3, 3) for k, v in med.items()})
             row["generic_over_kernel"] = round(med["generic"] / med["kernel"], 2)
             row["composite_over_kernel"] = round(med["composite"] / med["kernel"], 2)
@@ -322,7 +309,7 @@ def main(argv=None) -> int:
                 fns = {"minilora": ml_step}
                 if not args.no_torch:
                     fns["torch"] = torch_step(cfg, method, args.device)
-                med = interleaved(fns, args.steps, args.warmup)
+                med = interleaved_medians(fns, steps=args.steps, warmup=args.warmup)
                 row.update({f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()})
                 if "torch" in med:
                     row["ratio"] = round(med["minilora"] / med["torch"], 3)

@@ -55,6 +55,17 @@ def graph(lib: dict, w: dict, ids, L: int, H: int, mask):
     return lib["cross_entropy"](logits, ids)
 
 
+def _stepper(lib: dict, w: dict, ids, L: int, H: int, mask):
+    """One forward + backward of ``graph`` with either library's ops; returns the loss."""
+    def step():
+        for p in w.values():
+            p.grad = None
+        loss = graph(lib, w, ids, L, H, mask)
+        loss.backward()
+        return loss.item()
+    return step
+
+
 def minilora_step(w_np: dict, ids, L, H):
     from minilora import Tensor
     from minilora import functional as F
@@ -65,14 +76,7 @@ def minilora_step(w_np: dict, ids, L, H):
            "gelu": F.gelu, "softmax": lambda s: F.softmax(s, axis=-1),
            "heads": lambda t: t.transpose(0, 2, 1, 3), "kT": lambda k: k.swapaxes(-1, -2),
            "cross_entropy": F.cross_entropy}
-
-    def step():
-        for p in w.values():
-            p.grad = None
-        loss = graph(lib, w, ids, L, H, mask)
-        loss.backward()
-        return loss.item()
-    return step
+    return _stepper(lib, w, ids, L, H, mask)
 
 
 def torch_step(w_np: dict, ids, L, H):
@@ -87,14 +91,7 @@ def torch_step(w_np: dict, ids, L, H):
            "gelu": TF.gelu, "softmax": lambda s: torch.softmax(s, dim=-1),
            "heads": lambda t: t.transpose(1, 2), "kT": lambda k: k.transpose(-1, -2),
            "cross_entropy": lambda z, t: TF.cross_entropy(z.reshape(-1, z.shape[-1]), t.reshape(-1))}
-
-    def step():
-        for p in w.values():
-            p.grad = None
-        loss = graph(lib, w, tids, L, H, mask)
-        loss.backward()
-        return loss.item()
-    return step
+    return _stepper(lib, w, tids, L, H, mask)
 
 
 def main(argv=None) -> int:

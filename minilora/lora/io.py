@@ -164,22 +164,19 @@ def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, direc
                              "does not exist); was the adapter trained on a different base model?")
         kind, name, want, base = expected[key]
         shape = tuple(array.shape)
-        if kind == "A":
-            if len(shape) != 2 or shape[1] != base.in_features:
-                raise ValueError(f"shape of lora_A for {name} is {shape} but the base layer has "
-                                 f"in_features {base.in_features}; the adapter was trained on a "
+        if kind in ("A", "B"):
+            # A is (r, in_features), B is (out_features, r): which axis is the layer's, which the rank
+            feature_axis, rank_axis, feature = (1, 0, "in_features") if kind == "A" else \
+                (0, 1, "out_features")
+            n_features = getattr(base, feature)
+            if len(shape) != 2 or shape[feature_axis] != n_features:
+                raise ValueError(f"shape of lora_{kind} for {name} is {shape} but the base layer has "
+                                 f"{feature} {n_features}; the adapter was trained on a "
                                  "different base model")
-            if shape[0] != want:
-                raise ValueError(f"lora_A for {name} has rank {shape[0]} but {CONFIG_NAME} says "
-                                 f"r={want}; the config and weights do not belong together")
-        elif kind == "B":
-            if len(shape) != 2 or shape[0] != base.out_features:
-                raise ValueError(f"shape of lora_B for {name} is {shape} but the base layer has "
-                                 f"out_features {base.out_features}; the adapter was trained on a "
-                                 "different base model")
-            if shape[1] != want:
-                raise ValueError(f"lora_B for {name} has rank {shape[1]} but {CONFIG_NAME} says "
-                                 f"r={want}; the config and weights do not belong together")
+            if shape[rank_axis] != want:
+                raise ValueError(f"lora_{kind} for {name} has rank {shape[rank_axis]} but "
+                                 f"{CONFIG_NAME} says r={want}; the config and weights do not "
+                                 "belong together")
         elif shape != tuple(want):
             raise ValueError(f"{key} has shape {shape} in {where} but the model's module needs "
                              f"{tuple(want)}; the adapter was trained on a different base model")

@@ -415,14 +415,18 @@ def _trained(pm, seed=5):
     return pm
 
 
+def _merged_in_float(pm) -> dict:
+    """{layer name: dequant(W0) + ΔW} for every adapted layer, computed with merge.py's formula."""
+    return {name: merge_math.merge_weight(layer.base_layer.dequantized_weight(),
+                                          layer.lora_A["default"].weight.data,
+                                          layer.lora_B["default"].weight.data, 8, 4)
+            for name, layer in pm.lora_layers()}
+
+
 def test_merge_and_unload_into_a_4bit_base_gives_float_layers_with_dequant_plus_delta():
     pm = _trained(_qlora())
     want_logits = pm(IDS).numpy()
-    expected = {}
-    for name, layer in pm.lora_layers():
-        expected[name] = merge_math.merge_weight(layer.base_layer.dequantized_weight(),
-                                                 layer.lora_A["default"].weight.data,
-                                                 layer.lora_B["default"].weight.data, 8, 4)
+    expected = _merged_in_float(pm)
     merged = pm.merge_and_unload()
     for name, W in expected.items():
         layer = merged.get_submodule(name)
@@ -436,11 +440,7 @@ def test_merge_and_unload_into_a_4bit_base_gives_float_layers_with_dequant_plus_
 def test_merge_and_unload_requantize_reports_the_extra_error(capsys):
     pm = _trained(_qlora())
     want_logits = pm(IDS).numpy()
-    floats = {}
-    for name, layer in pm.lora_layers():
-        floats[name] = merge_math.merge_weight(layer.base_layer.dequantized_weight(),
-                                               layer.lora_A["default"].weight.data,
-                                               layer.lora_B["default"].weight.data, 8, 4)
+    floats = _merged_in_float(pm)
     merged = pm.merge_and_unload(requantize=True)
     errors = requantization_errors(merged)
     assert sorted(errors) == sorted(floats)

@@ -382,7 +382,7 @@ def _dequantize_numpy(packed, absmax, pairs, blocksize: int, n: int, out):
     full_blocks = full.reshape(n_full, blocksize)         # (n_full, blocksize)
 
     def tiles(blocks: slice):
-        first, last = blocks.start or 0, n_full if blocks.stop is None else blocks.stop
+        first, last, _ = blocks.indices(n_full)
         tile = max(1, _TILE_VALUES // blocksize)
         for start in range(first, last, tile):
             stop = min(start + tile, last)

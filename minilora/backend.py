@@ -222,7 +222,8 @@ def memory_pool():
 # buffer back to C's malloc, and glibc's malloc returns large ones (above its mmap threshold, 128 KiB
 # to 32 MiB depending on history) to the kernel at once. A training step allocates the same few
 # hundred activation and gradient buffers every time, so each step then page-faults its whole working
-# set in again: measured on a 2-core VM, a quarter to a third of a tiny model's step went to page faults.
+# set in again: measured on a 2-core VM, a quarter to a third of a tiny model's step went to page
+# faults.
 # Raising the thresholds makes malloc keep and reuse freed memory, the CPU's version of CuPy's pool.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt() parameter numbers, from glibc's malloc.h
 HOST_MMAP_THRESHOLD = 256 << 20    # buffers up to 256 MiB come from (and go back to) malloc's heap

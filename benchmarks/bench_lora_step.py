@@ -53,6 +53,7 @@ def _minilora_step_fn(cfg: dict, lora: bool):
     import numpy as np
 
     from minilora import backend
+    from minilora.data_parallel import forward_backward
     from minilora.lora import LoraConfig, get_peft_model
     from minilora.models import LlamaConfig, LlamaForCausalLM
     from minilora.optim import AdamW
@@ -65,8 +66,8 @@ def _minilora_step_fn(cfg: dict, lora: bool):
     opt = AdamW(params, lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(cfg["batch"], cfg["seq"]))
 
-    def step():
-        model(ids, labels=ids).loss.backward()
+    def step():   # as minilora.train runs it: the batch split over the threads (data_parallel)
+        forward_backward(model, ids, ids)
         opt.step()
         opt.zero_grad()
     return step, sum(p.size for p in params), sum(p.size for p in model.parameters())

@@ -51,6 +51,7 @@ def minilora_step(cfg: dict):
     import numpy as np
 
     from minilora import backend
+    from minilora.data_parallel import forward_backward
     from minilora.models import LlamaConfig, LlamaForCausalLM
     from minilora.optim import AdamW
 
@@ -59,9 +60,8 @@ def minilora_step(cfg: dict):
     opt = AdamW(model.parameters(), lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]))
 
-    def step():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+    def step():   # as minilora.train runs it: the batch split over the threads (data_parallel)
+        forward_backward(model, ids, ids)
         opt.step()
         opt.zero_grad()
     return step

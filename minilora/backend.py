@@ -14,6 +14,7 @@ import ctypes
 import os
 import platform
 import sys
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -169,16 +170,34 @@ def manual_seed(seed: int) -> None:
         _cupy.random.seed(seed)
 
 
+_thread_rng = threading.local()   # .generator: set by use_rng() for the current thread only
+
+
 def rng() -> np.random.Generator:
     """minilora's NumPy generator. Random initialisation draws here on the host, then moves to the
-    device, so the same seed gives the same weights on CPU and GPU."""
-    return _rng
+    device, so the same seed gives the same weights on CPU and GPU. Inside ``use_rng(g)``, ``g``."""
+    local = getattr(_thread_rng, "generator", None)
+    return _rng if local is None else local
+
+
+@contextmanager
+def use_rng(generator: np.random.Generator):
+    """Draw from ``generator`` in this thread inside the block (other threads are not affected).
+
+    ``data_parallel`` gives each micro-batch its own generator, spawned from ``rng()``, so that the
+    dropout masks do not depend on which thread happens to draw first."""
+    old = getattr(_thread_rng, "generator", None)
+    _thread_rng.generator = generator
+    try:
+        yield generator
+    finally:
+        _thread_rng.generator = old
 
 
 def random_uniform(shape, xpmod, dtype):
     """Uniform [0, 1) numbers drawn on the array's own device (used by dropout masks)."""
     if xpmod is np:
-        return _rng.random(shape, dtype=np.float32 if dtype == np.float32 else np.float64)
+        return rng().random(shape, dtype=np.float32 if dtype == np.float32 else np.float64)
     return xpmod.random.random(shape, dtype=dtype)
 
 

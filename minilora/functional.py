@@ -525,44 +525,53 @@ def _bias_block(b, kend: int, qa: int, qb: int):
     return b[..., rows, cols]
 
 
-def _sdpa_forward(qs, k, v, biases, blocks):
-    """Attention weights per query block, key-major ((..., kend, b - a) each), and the output
-    (..., Tq, d). Softmax is taken over the keys, which are axis -2 here."""
+def _sdpa_forward(qs, k, v, biases, blocks, causal: bool):
+    """Per query block, the unnormalised attention weights E = exp(S - max), key-major ((..., kend,
+    b - a)), with 1/rowsum (..., 1, b - a); and the output (..., Tq, d). Softmax is taken over the
+    keys, axis -2 here; its division is applied to the output (b - a x d numbers) instead of to E."""
     xpmod = backend.get_xp(qs)
     lead = np.broadcast_shapes(qs.shape[:-2], k.shape[:-2], v.shape[:-2])
     y = xpmod.empty(lead + (qs.shape[-2], v.shape[-1]), dtype=qs.dtype)   # (..., Tq, d)
-    pts = []
+    saved = []
     for a, b, kend in blocks:
         st = k[..., :kend, :] @ qs[..., a:b, :].swapaxes(-1, -2)  # (..., kend, d) @ (..., d, b-a)
-        for bias in biases:                               # causal and/or padding masks, additive
+        if causal:    # only the last b - a keys can be in a query's future: mask that square only
+            st[..., kend - (b - a):, :] += causal_mask(b - a, b - a, xpmod, st.dtype).T
+        for bias in biases:                               # padding masks, additive
             bb = _bias_block(bias, kend, a, b)
             if np.broadcast_shapes(st.shape, bb.shape) == st.shape:
                 st += bb
             else:                                         # the mask adds leading (batch) axes
                 st = st + bb
         st -= st.max(axis=-2, keepdims=True)              # softmax over keys (axis -2), in place
-        xpmod.exp(st, out=st)
-        st *= 1.0 / st.sum(axis=-2, keepdims=True)        # attention weights, (..., kend, b-a)
-        y[..., a:b, :] = st.swapaxes(-1, -2) @ v[..., :kend, :]   # (..., b-a, kend) @ (..., kend, d)
-        pts.append(st)
-    return pts, y
+        xpmod.exp(st, out=st)                             # E, (..., kend, b-a)
+        inv_l = 1.0 / st.sum(axis=-2, keepdims=True)      # 1 / rowsum, (..., 1, b-a)
+        yb = y[..., a:b, :]
+        xpmod.matmul(st.swapaxes(-1, -2), v[..., :kend, :], out=yb)   # (..., b-a, kend) @ (..., kend, d)
+        yb *= inv_l.swapaxes(-1, -2)                      # normalise: P V = (E V) / rowsum
+        saved.append((st, inv_l))
+    return saved, y
 
 
-def _sdpa_backward(g, y, pts, qs, k, v, blocks, scale, need_q: bool, need_k: bool, need_v: bool):
+def _sdpa_backward(g, y, saved, qs, k, v, blocks, scale, need_q: bool, need_k: bool, need_v: bool):
     """(dq, dk, dv) of one batch chunk (None when not needed). dq has the broadcast leading shape;
-    dk and dv are already summed to k's and v's (GQA shares them across query heads)."""
+    dk and dv are already summed to k's and v's (GQA shares them across query heads).
+
+    With P = E / l (l the row sums), every term has P next to G: dV = P^T G = E^T (G / l) and
+    dS = P * (dP - rowsum(G * O)) = E * (V (G / l)^T - rowsum((G / l) * O)), so dividing G's rows by
+    l (a (b - a) x d array) replaces normalising E."""
     xpmod = backend.get_xp(g)
     dq = xpmod.empty(g.shape[:-2] + qs.shape[-2:], dtype=g.dtype) if need_q else None
     dk = xpmod.zeros(k.shape, dtype=g.dtype) if need_k else None
     dv = xpmod.zeros(v.shape, dtype=g.dtype) if need_v else None
-    for (a, b, kend), pt in zip(blocks, pts):
-        gb = g[..., a:b, :]                               # (..., b-a, d)
+    for (a, b, kend), (et, inv_l) in zip(blocks, saved):
+        gb = g[..., a:b, :] * inv_l.swapaxes(-1, -2)      # G / l, (..., b-a, d)
         if need_v:                                        # (..., kend, b-a) @ (..., b-a, d)
-            dv[..., :kend, :] += ops.unbroadcast(pt @ gb, v.shape[:-2] + (kend, v.shape[-1]))
+            dv[..., :kend, :] += ops.unbroadcast(et @ gb, v.shape[:-2] + (kend, v.shape[-1]))
         if need_q or need_k:
-            dst = v[..., :kend, :] @ gb.swapaxes(-1, -2)  # dP^T: (..., kend, d) @ (..., d, b-a)
-            dst -= (gb * y[..., a:b, :]).sum(axis=-1)[..., None, :]  # minus rowsum(G * O): (..., 1, b-a)
-            dst *= pt                                     # dS^T (zero wherever the mask hid a key)
+            dst = v[..., :kend, :] @ gb.swapaxes(-1, -2)  # (..., kend, d) @ (..., d, b-a)
+            dst -= (gb * y[..., a:b, :]).sum(axis=-1)[..., None, :]  # minus rowsum(G/l * O): (..., 1, b-a)
+            dst *= et                                     # dS^T (zero wherever the mask hid a key)
             if need_q:                                    # (..., b-a, kend) @ (..., kend, d)
                 dq[..., a:b, :] = dst.swapaxes(-1, -2) @ k[..., :kend, :]
             if need_k:                                    # (..., kend, b-a) @ (..., b-a, d)
@@ -601,10 +610,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     xpmod = backend.get_xp(q.data)
     dt = q.data.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qs = q.data * dt.type(scale)                          # (..., Tq, d)
+    qs = xpmod.multiply(q.data, dt.type(scale), order="C")   # (..., Tq, d), C-contiguous
+    kd, vd = xpmod.ascontiguousarray(k.data), xpmod.ascontiguousarray(v.data)
     Tq, Tk = q.shape[-2], k.shape[-2]
     biases = []                                           # additive, key-major: (..., Tk, Tq)
-    if causal:
+    causal_square = causal and Tk >= Tq                   # the blocks add the causal mask themselves
+    if causal and not causal_square:
         biases.append(causal_mask(Tq, Tk, xpmod, dt).T)   # -inf where key j > query i
     if attn_mask is not None:
         biases.append(_attention_mask_keymajor(attn_mask, xpmod, dt))
@@ -620,7 +631,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         return [b if b.shape[0] == 1 else b[sl] for b in biases]
 
     results = parallel.run_chunks(
-        lambda sl: _sdpa_forward(qs[sl], k.data[sl], v.data[sl], chunk_bias(sl), blocks), chunks,
+        lambda sl: _sdpa_forward(qs[sl], kd[sl], vd[sl], chunk_bias(sl), blocks, causal_square),
+        chunks,
         blas_one_thread=True)
     pts = [r[0] for r in results]                         # per chunk and block, for the backward
     y = results[0][1] if len(results) == 1 else xpmod.concatenate([r[1] for r in results])
@@ -631,7 +643,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         need = (q.requires_grad, k.requires_grad, v.requires_grad)
         grads = parallel.run_chunks(
             lambda i: _sdpa_backward(g[chunks[i]], y[chunks[i]], pts[i], qs[chunks[i]],
-                                     k.data[chunks[i]], v.data[chunks[i]], blocks, scale, *need),
+                                     kd[chunks[i]], vd[chunks[i]], blocks, scale, *need),
             list(range(len(chunks))), blas_one_thread=True)
         for j, t in enumerate((q, k, v)):
             if not need[j]:

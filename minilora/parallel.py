@@ -10,11 +10,14 @@ A batched matmul of many small matrices (attention's q k^T per head) is a loop o
 whose own threading is mostly synchronisation cost, and which collapses when another process holds
 a core; inside a parallel region BLAS is held to one thread (``threadpoolctl``, when installed).
 
-On CuPy, and with ``MINILORA_NUM_THREADS=1``, everything runs as one chunk in the calling thread.
+On CuPy, and with ``MINILORA_NUM_THREADS=1``, everything runs as one chunk in the calling thread;
+so does a thread inside ``single_threaded()``: ``data_parallel`` runs whole micro-batches in these
+threads, each keeping its own ops in one chunk.
 """
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -24,10 +27,14 @@ MIN_PARALLEL_ELEMENTS = 1 << 16   # below this, a thread hand-off costs more tha
 _pool = None
 _blas_controller = None
 _CPU_COUNT = os.cpu_count() or 1
+_local = threading.local()       # .single: this thread keeps its ops in one chunk
 
 
 def num_threads() -> int:
-    """Threads for the CPU kernels: $MINILORA_NUM_THREADS, else min(2, CPU count)."""
+    """Threads for the CPU kernels: $MINILORA_NUM_THREADS, else min(2, CPU count); 1 inside
+    ``single_threaded()``."""
+    if getattr(_local, "single", False):
+        return 1
     env = os.environ.get("MINILORA_NUM_THREADS")
     if env:
         try:
@@ -52,6 +59,21 @@ def _blas_libs() -> list:
 def can_hold_blas() -> bool:
     """True when BLAS can be held to one thread, so that our threads may call it concurrently."""
     return bool(_blas_libs())
+
+
+@contextmanager
+def single_threaded():
+    """Inside the block, this thread runs every op as one chunk (``num_threads()`` is 1 here only).
+
+    For work that is already spread over the pool's threads at a coarser grain (``data_parallel``'s
+    micro-batches): splitting each op again would only add hand-offs. Hold BLAS to one thread too
+    (``run_chunks(..., blas_one_thread=True)`` does)."""
+    old = getattr(_local, "single", False)
+    _local.single = True
+    try:
+        yield
+    finally:
+        _local.single = old
 
 
 @contextmanager

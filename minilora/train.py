@@ -1,7 +1,10 @@
 """The training loop, shared by pretraining and LoRA fine-tuning.
 
 One step is the same in both: forward with labels (``model(input_ids, labels=...).loss``), backward,
-clip the global gradient norm, optimizer step, schedule step. What differs is only *which* parameters
+clip the global gradient norm, optimizer step, schedule step. Forward and backward run through
+``data_parallel.forward_backward``: on a CPU with two or more threads the batch is split into
+micro-batches computed at once on replicas of the model, their gradients summed (the full batch's
+gradient, up to float32 rounding). What differs is only *which* parameters
 the optimizer holds (all of them when pretraining; the LoRA factors A and B when fine-tuning), so the
 loop clips exactly the optimizer's parameters and touches nothing else of the model.
 
@@ -20,6 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import backend
+from .data_parallel import forward_backward, model_loss
 from .optim import Optimizer, clip_grad_norm_
 from .tensor import Tensor, no_grad
 
@@ -59,15 +63,7 @@ def _batch_source(batches) -> Callable[[int], object]:
 
 def _loss_of(model, batch):
     ids, labels, mask = _unpack(batch)
-    kwargs = {"labels": labels}
-    if mask is not None:
-        kwargs["attention_mask"] = mask
-    out = model(ids, **kwargs)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError("model(input_ids, labels=...) returned no .loss; the training loop needs a "
-                         "model whose forward computes the loss from labels")
-    return loss, ids
+    return model_loss(model, ids, labels, mask), ids
 
 
 def evaluate(model, batches: Iterable) -> float:
@@ -131,13 +127,12 @@ def train(model, batches, optimizer: Optimizer, steps: int, eval_fn: Callable | 
     try:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
-            batch = next_batch(step - 1)
-            loss, ids = _loss_of(model, batch)
-            loss_value = loss.item()
+            ids, labels, mask = _unpack(next_batch(step - 1))
+            # forward + backward, the batch split over the CPU's threads (data_parallel)
+            loss_value = forward_backward(model, ids, labels, mask).item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}; lower the learning "
                                          "rate or check the data (labels all -100?)")
-            loss.backward()
             grad_norm = clip_grad_norm_(params, clip) if clip is not None else None
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()

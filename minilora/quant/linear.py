@@ -22,9 +22,11 @@ its NF4 storage, so keeping one per layer would give QLoRA's saving straight bac
 At any moment only one float32 matrix per distinct shape exists (a Llama has three or four shapes,
 whatever its depth), at the price of dequantizing each weight twice per training step. Dequantizing
 is one pass over the packed bytes, cheap next to the GEMMs it feeds (bitsandbytes makes the same
-choice: it dequantizes in forward and again in backward). ``release_workspace()`` frees the buffers (e.g. after training). Inference runs the same way. The
-buffers are shared process-wide: run concurrent forward passes (Python threads) on separate
-processes, not threads. (On CUDA, kernels and GEMMs queue on one stream, so reuse is ordered.)
+choice: it dequantizes in forward and again in backward). ``release_workspace()`` frees the buffers
+(e.g. after training). Inference runs the same way. Each thread has its own set of buffers, so
+threads that run forward passes at once (``data_parallel``'s micro-batches) never overwrite a weight
+another is still using; that is one float32 matrix per shape *per thread*. (On CUDA, kernels and
+GEMMs queue on one stream, so reuse is ordered.)
 
 State and files. The quantized arrays are not Parameters (they are uint8 codes and constants that no
 optimizer may touch), so ``named_parameters()`` and ``state_dict()`` do not list them: a quantized
@@ -46,6 +48,7 @@ The interface LoRA relies on (kept small on purpose; ``lora/`` knows nothing els
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -71,12 +74,15 @@ _TRAINED_PARTS = ("lora_A", "lora_B", "modules_to_save")
 
 
 # ================================================================ the shared dequantization buffers
-_workspace: dict = {}   # (shape, device) -> float32 array, reused by every layer of that shape
+# (thread, shape, device) -> float32 array, reused by every layer of that shape. One set per thread:
+# data_parallel runs micro-batches in two threads at once, and a buffer that one thread is reading in
+# a GEMM must not be overwritten by the other's next layer.
+_workspace: dict = {}
 
 
 def _scratch(shape: tuple, like):
-    """The shared float32 buffer of ``shape`` on ``like``'s device (allocated on first use)."""
-    key = (shape, backend.device_of(like))
+    """This thread's float32 buffer of ``shape`` on ``like``'s device (allocated on first use)."""
+    key = (threading.get_ident(), shape, backend.device_of(like))
     buf = _workspace.get(key)
     if buf is None:
         buf = _workspace[key] = backend.get_xp(like).empty(shape, dtype=np.float32)
@@ -84,7 +90,7 @@ def _scratch(shape: tuple, like):
 
 
 def workspace_bytes() -> int:
-    """Bytes held by the shared dequantization buffers now (one float32 matrix per shape)."""
+    """Bytes held by the dequantization buffers now (one float32 matrix per shape and thread)."""
     return int(sum(b.nbytes for b in _workspace.values()))
 
 

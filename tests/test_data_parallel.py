@@ -1,0 +1,198 @@
+"""Data parallelism over CPU threads (minilora.data_parallel): the split batch gives the full batch's
+loss and gradients, replicas share the weights' memory, and the result never depends on timing."""
+import threading
+
+import numpy as np
+import pytest
+
+from minilora import backend, parallel
+from minilora import data_parallel as DP
+from minilora.lora import LoraConfig, get_peft_model
+from minilora.models import LlamaConfig, LlamaForCausalLM
+from minilora.nn import Linear, Module
+from minilora.quant import quantize_model
+
+
+def _llama(dtype=np.float64, tie=True):
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():
+        p.data = p.data.astype(dtype)
+    return model
+
+
+def _batch(B=5, T=9):
+    """ids, labels with a prompt masked in row 0 and no target at all in row 3, a padding mask."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 61, (B, T))
+    labels = ids.copy()
+    labels[0, :6] = -100
+    labels[3, :] = -100
+    mask = np.ones((B, T), np.int64)
+    mask[1, :2] = 0
+    labels[1, :2] = -100
+    return ids, labels, mask
+
+
+def _grads(model):
+    return {n: p.grad.copy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _clear(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+def _plain_then_split(model, n_threads, **kw):
+    ids, labels, mask = _batch()
+    plain = DP.forward_backward(model, ids, labels, mask, n_threads=1).item()
+    g_plain = _grads(model)
+    _clear(model)
+    split = DP.forward_backward(model, ids, labels, mask, n_threads=n_threads).item()
+    g_split = _grads(model)
+    _clear(model)
+    return plain, g_plain, split, g_split
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+@pytest.mark.parametrize("tie", [True, False])
+def test_split_batch_gives_the_full_batch_loss_and_gradients_float64(n_threads, tie):
+    """Micro-batches weighted by their target counts (row 3 has none, row 0 few) add up to the full
+    batch exactly in float64 (differences are summation-order rounding, ~1e-16)."""
+    model = _llama(np.float64, tie)
+    plain, g_plain, split, g_split = _plain_then_split(model, n_threads)
+    assert split == pytest.approx(plain, rel=1e-6)        # the returned loss is float32
+    assert g_split.keys() == g_plain.keys() and len(g_plain) == len(list(model.parameters()))
+    for name in g_plain:
+        np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-13, err_msg=name)
+
+
+def test_lora_model_float32_within_rounding_and_only_lora_factors_get_gradients():
+    """float32: the split sums the same products in another order, so they agree to a few float32
+    ulps of the gradient's scale (eps 6e-8 x terms ~1e2 summed => 1e-5 relative is generous)."""
+    backend.manual_seed(0)
+    model = get_peft_model(_llama(np.float32), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                           target_modules=["q_proj", "v_proj"]))
+    plain, g_plain, split, g_split = _plain_then_split(model, 2)
+    assert split == pytest.approx(plain, rel=1e-6)
+    assert g_plain and all("lora_" in n for n in g_plain)
+    assert g_split.keys() == g_plain.keys()
+    for name in g_plain:
+        scale = np.abs(g_plain[name]).max()
+        np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-5 * scale,
+                                   err_msg=name)
+
+
+def test_qlora_threads_use_their_own_dequantization_buffers():
+    """q_proj and o_proj have one shape, so they share a scratch buffer: if the two threads shared
+    one too, a thread's GEMM would read the other thread's layer and the gradients would be wrong."""
+    backend.manual_seed(0)
+    base = quantize_model(_llama(np.float32, tie=False), double_quant=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for _ in range(3):                                     # a race would show up on some repeat
+        plain, g_plain, split, g_split = _plain_then_split(model, 2)
+        assert split == pytest.approx(plain, rel=1e-6)
+        for name in g_plain:
+            scale = np.abs(g_plain[name]).max()
+            np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-5 * scale,
+                                       err_msg=name)
+
+
+def test_gradients_accumulate_into_existing_ones_like_backward():
+    model = _llama()
+    ids, labels, mask = _batch()
+    DP.forward_backward(model, ids, labels, mask, n_threads=1)
+    once = _grads(model)
+    DP.forward_backward(model, ids, labels, mask, n_threads=2)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, 2 * once[name], rtol=0, atol=1e-13)
+
+
+def test_one_thread_is_exactly_the_plain_two_lines():
+    model = _llama(np.float32)
+    ids, labels, mask = _batch()
+    loss = model(ids, labels=labels, attention_mask=mask).loss
+    loss.backward()
+    ref = _grads(model)
+    _clear(model)
+    out = DP.forward_backward(model, ids, labels, mask, n_threads=1)
+    assert out.item() == loss.item() and not out.requires_grad
+    for name, g in _grads(model).items():
+        np.testing.assert_array_equal(g, ref[name])
+
+
+def test_same_seed_same_bits_with_dropout():
+    """Each micro-batch draws its dropout mask from its own generator spawned from backend.rng(), so
+    two runs from one seed are bit-identical whatever order the threads ran in; the spawn leaves
+    backend.rng()'s stream where it was (the batches it draws do not change)."""
+    runs = []
+    for _ in range(2):
+        backend.manual_seed(0)
+        model = get_peft_model(_llama(np.float32), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                                              init_lora_weights=False))
+        backend.manual_seed(7)
+        ids, labels, mask = _batch()
+        for _ in range(3):
+            DP.forward_backward(model, ids, labels, mask, n_threads=2)
+        runs.append((_grads(model), backend.rng().random()))
+    assert runs[0][1] == runs[1][1] == np.random.default_rng(7).random()
+    for name, g in runs[0][0].items():
+        np.testing.assert_array_equal(g, runs[1][0][name])
+
+
+def test_replicas_share_the_weights_memory_and_keep_ties():
+    model = get_peft_model(_llama(np.float32, tie=True), LoraConfig(r=2, lora_alpha=4))
+    replica, mapping = DP.replicate(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in replica.named_parameters()] == names
+    for (_, p), (_, r) in zip(model.named_parameters(), replica.named_parameters()):
+        assert r is not p and r.data is p.data and r.requires_grad == p.requires_grad
+        assert mapping[id(p)] is r
+    base, rbase = model.get_base_model(), replica.get_base_model()
+    assert rbase.lm_head.weight is rbase.model.embed_tokens.weight        # still tied
+    assert rbase.model.layers[0].self_attn.q_proj is not base.model.layers[0].self_attn.q_proj
+
+
+def test_a_parameter_held_outside_the_module_tree_is_caught():
+    """A module that keeps a layer in a plain list reaches the original, not the replica: its
+    gradient would be written by two threads at once, so the step refuses with a clear error."""
+    class Hidden(Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = _llama(np.float64)
+            self.layers = [Linear(61, 61)]          # a plain list: invisible to the module tree
+
+        def forward(self, ids, labels=None, attention_mask=None):
+            out = self.emb(ids, labels=labels)
+            out.loss = out.loss + (self.layers[0](out.logits) * 0.0).sum()
+            return out
+
+    model = Hidden()
+    model.extra = model.layers[0]                    # registered too, so it is trained
+    ids, labels, mask = _batch()
+    with pytest.raises(RuntimeError, match="outside|original"):
+        DP.forward_backward(model, ids, labels, n_threads=2)
+
+
+def test_thread_local_switches_stay_in_their_thread():
+    seen = {}
+
+    def other():
+        seen["threads"] = parallel.num_threads()
+        seen["rng"] = backend.rng()
+
+    with parallel.single_threaded(), backend.use_rng(np.random.default_rng(3)) as g:
+        assert parallel.num_threads() == 1 and backend.rng() is g
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["rng"] is backend.rng() and seen["threads"] == parallel.num_threads()
+
+
+def test_micro_batches_cover_the_batch():
+    assert DP.micro_batches(16, 2) == [slice(0, 8), slice(8, 16)]
+    assert DP.micro_batches(5, 3) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    assert DP.micro_batches(1, 4) == [slice(0, 1)]

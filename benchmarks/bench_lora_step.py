@@ -10,7 +10,10 @@ measures both on the same model:
   less), for minilora full FT and LoRA, and (when torch, transformers and peft are
   installed) transformers full FT and transformers + PEFT LoRA, on ``--threads`` CPU threads. Full
   and LoRA run in the same process, interleaved step by step, so that load from other processes on
-  a shared machine hits both alike;
+  a shared machine hits both alike; the minilora and the torch processes alternate ``--rounds``
+  times, so that slow drift in the machine's load hits both libraries alike too. minilora's step
+  is the one ``minilora.train`` runs (``data_parallel.forward_backward``: the batch split over the
+  threads);
 * peak memory of each variant in a fresh subprocess: peak resident set size (``resource``) above the
   RSS after imports and, for minilora, the peak of all traced allocations from before the model is
   built (``tracemalloc``; NumPy reports its array buffers to it): weights, gradients, optimizer
@@ -20,7 +23,7 @@ BLAS is limited to ``--threads`` threads in every subprocess. Configurations (vo
 344, seq 128; small = hidden 384, 6 layers, 6 heads, intermediate 1024, seq 256. LoRA: r=8, alpha=16
 on q_proj, k_proj, v_proj, o_proj.
 
-Run:  python benchmarks/bench_lora_step.py [--configs tiny,small] [--steps 5] [--threads 2]
+Run:  python benchmarks/bench_lora_step.py [--configs tiny,small] [--steps 5] [--rounds 2] [--threads 2]
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CpuSteal  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -185,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate the minilora and torch processes this many times")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for BLAS and torch")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers + PEFT variants")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -198,6 +207,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(out))
         return 0
     results = {}
+    steal = CpuSteal().__enter__()
     for config in args.configs.split(","):
         if config not in CONFIGS:
             p.error(f"unknown config {config!r}; use {sorted(CONFIGS)}")
@@ -205,17 +215,24 @@ def main(argv=None) -> int:
         print(f"\n== {config}: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
               f"{c['num_attention_heads']} heads, intermediate {c['intermediate_size']}, seq {c['seq']}, "
               f"batch {c['batch']}; LoRA r={LORA['r']} on {','.join(LORA['target_modules'])}; "
-              f"{args.threads} threads; median of {args.steps} interleaved steps", flush=True)
+              f"{args.threads} threads; median of {args.rounds} x {args.steps} steps (interleaved within "
+              f"a library, the libraries' processes alternating)", flush=True)
         rows = {}
         groups = [("minilora-full", "minilora-lora")]
         if not args.no_torch:
             groups.append(("torch-full", "torch-peft-lora"))
-        for group in groups:
-            r = _spawn("time", config, ",".join(group), args.steps, args.warmup, args.threads)
-            for v, res in (r or {}).items():
-                res["median_s"] = _median(res["times"])
-                res["median_cpu_s"] = _median(res["cpu_times"])
-                rows[v] = res
+        for _ in range(args.rounds):   # the two libraries' processes alternate, so drift hits both
+            for group in groups:
+                r = _spawn("time", config, ",".join(group), args.steps, args.warmup, args.threads)
+                for v, res in (r or {}).items():
+                    if v in rows:
+                        rows[v]["times"] += res["times"]
+                        rows[v]["cpu_times"] += res["cpu_times"]
+                    else:
+                        rows[v] = res
+        for res in rows.values():
+            res["median_s"] = _median(res["times"])
+            res["median_cpu_s"] = _median(res["cpu_times"])
         if not args.no_memory:
             for v in list(rows):
                 m = _spawn("memory", config, v, args.steps, args.warmup, args.threads)
@@ -246,6 +263,8 @@ def main(argv=None) -> int:
             print(f"  minilora LoRA / transformers+PEFT LoRA step time: {m['median_s'] / t['median_s']:.2f}x"
                   f" (CPU time {m['median_cpu_s'] / t['median_cpu_s']:.2f}x)")
         results[config] = rows
+    steal.__exit__()
+    print(steal.line())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -7,10 +7,16 @@ the ratio ours / bitsandbytes (above 1: minilora is faster). "dequant(out)" reus
 buffer (``dequantize(out=...)``), as a layer that dequantizes its weight every step would.
 
     python benchmarks/bench_nf4.py [--size 4096] [--blocksize 64] [--repeats 7] [--double-quant]
-                                   [--threads N]
+                                   [--threads 2]
 
-``--threads`` sets PyTorch's (and so bitsandbytes') thread count; minilora's NumPy path runs on
-one thread. Without bitsandbytes installed, only minilora's numbers are printed.
+``--threads`` gives both the same threads (``common.limit_threads``): PyTorch's, and so
+bitsandbytes', and minilora's (its dequantize shares cache-sized tiles among them). Without
+bitsandbytes installed, only minilora's numbers are printed.
+
+The "write floor" line is the least any dequantize must do: fill the n float32 outputs (NumPy's
+``fill`` of the same buffer, split over the same threads). Dequantizing costs that plus reading the
+codes and looking them up; a compiled kernel that reaches the floor cannot be beaten from NumPy,
+whose lookup (``np.take``, one call per tile) runs at a fraction of the write bandwidth.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minilora import backend  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CpuSteal, limit_threads  # noqa: E402
+from minilora import backend, parallel  # noqa: E402
 from minilora.quant import quantize_nf4  # noqa: E402
 
 
@@ -41,8 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--double-quant", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="PyTorch threads for bitsandbytes")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
     args = parser.parse_args(argv)
+    limit_threads(args.threads)
 
     backend.manual_seed(0)
     w = backend.rng().standard_normal((args.size, args.size), dtype=np.float32)
@@ -52,8 +61,6 @@ def main(argv=None) -> int:
         import torch
         import bitsandbytes.functional as F
         torch._dynamo.config.disable = True     # eager bitsandbytes: no compile time in the timings
-        if args.threads:
-            torch.set_num_threads(args.threads)
         wt = torch.from_numpy(w)
     except ImportError:
         F = None
@@ -67,8 +74,14 @@ def main(argv=None) -> int:
 
     q = ours_q()
     buffer = np.empty(w.shape, np.float32)
+    rows = parallel.split_rows(buffer.shape[0], buffer.size, np)
+
+    def write_floor():
+        parallel.run_chunks(lambda r: buffer[r].fill(1.0), rows)
+
     tasks = {"quantize": {"minilora": ours_q}, "dequantize": {"minilora": q.dequantize},
-             "dequant(out)": {"minilora": lambda: q.dequantize(out=buffer)}}
+             "dequant(out)": {"minilora": lambda: q.dequantize(out=buffer)},
+             "write floor": {"minilora": write_floor}}
     if F is not None:
         packed, state = bnb_q()
         if not np.array_equal(q.packed, packed.numpy().reshape(-1)):
@@ -78,6 +91,7 @@ def main(argv=None) -> int:
         tasks["dequantize"]["bitsandbytes"] = lambda: F.dequantize_4bit(packed, state)
 
     times = {(task, who): [] for task, impls in tasks.items() for who in impls}
+    steal = CpuSteal().__enter__()
     for fn in [f for impls in tasks.values() for f in impls.values()]:
         fn()                                                       # warm up (page faults, caches)
     for _ in range(args.repeats):
@@ -85,9 +99,11 @@ def main(argv=None) -> int:
             for who, fn in impls.items():
                 times[task, who].append(_timed(fn)[0])
 
-    threads = f", torch threads {torch.get_num_threads()}" if F is not None else ""
+    steal.__exit__()
+    threads = f"minilora threads {parallel.num_threads()}" + (
+        f", torch threads {torch.get_num_threads()}" if F is not None else "")
     print(f"NF4, {args.size}x{args.size} float32 ({gb * 1e3:.0f} MB), blocksize {args.blocksize}"
-          f"{', double quant' if args.double_quant else ''}, median of {args.repeats}{threads}")
+          f"{', double quant' if args.double_quant else ''}, median of {args.repeats}; {threads}")
     print(f"{'':<12} {'minilora':>18} {'bitsandbytes':>18} {'ratio':>8}")
     for task in tasks:
         ours = statistics.median(times[task, "minilora"])
@@ -96,6 +112,7 @@ def main(argv=None) -> int:
             theirs = statistics.median(times[task, "bitsandbytes"])
             line += f" {theirs * 1e3:8.1f} ms {gb / theirs:5.2f} GB/s {theirs / ours:7.2f}x"
         print(line)
+    print(steal.line())
     return 0
 
 

@@ -22,7 +22,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_medians, limit_threads, machine_summary, matmul_peak_gflops  # noqa: E402
+from common import (CpuSteal, interleaved_medians, limit_threads, machine_summary,  # noqa: E402
+                    matmul_peak_gflops)
 
 CONFIGS = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         have_torch = False
         print("torch/transformers not installed: minilora timings only")
     worst = 0.0
+    steal = CpuSteal().__enter__()
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         fns = {"minilora": minilora_step(cfg)}
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
         line += (f" | {flops / 1e9:.1f} GFLOP/step, minilora {flops / med['minilora'] / 1e9:.0f} "
                  f"GFLOP/s = {flops / med['minilora'] / 1e9 / peak:.0%} of peak")
         print(line, flush=True)
+    steal.__exit__()
+    print(steal.line())
     if have_torch:
         print(f"worst ratio minilora/torch: {worst:.2f} ({'OK' if worst <= 1.0 else 'SLOWER'})")
     return 0

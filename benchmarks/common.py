@@ -97,3 +97,38 @@ def _timed(fn) -> float:
 def machine_summary() -> str:
     return (f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}; "
             f"BLAS: {blas_info()}; OpenBLAS env: {openblas_env()}")
+
+
+class CpuSteal:
+    """The share of CPU time the hypervisor gave to other machines while the block ran ("steal" in
+    /proc/stat; Linux only, else None). On a shared VM this is the noise: a few percent is normal, at
+    20% and above timings swing by tens of percent, and only ratios measured interleaved mean much.
+
+        with CpuSteal() as steal: ...
+        print(steal.line())
+    """
+
+    def __enter__(self):
+        self.start, self.share = self._read(), None
+        return self
+
+    def __exit__(self, *exc):
+        end = self._read()
+        if self.start is not None and end is not None:
+            total = sum(end) - sum(self.start)
+            self.share = (end[7] - self.start[7]) / total if total > 0 else 0.0
+        return False
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()[1:]
+            return [int(x) for x in fields[:8]]   # user nice system idle iowait irq softirq steal
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def line(self) -> str:
+        if self.share is None:
+            return "CPU steal during the run: unknown (no /proc/stat)"
+        return f"CPU steal during the run: {self.share:.1%} (time the VM's cores ran other guests)"

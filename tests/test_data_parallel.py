@@ -192,7 +192,33 @@ def test_thread_local_switches_stay_in_their_thread():
     assert seen["rng"] is backend.rng() and seen["threads"] == parallel.num_threads()
 
 
+def test_small_batches_are_not_split(monkeypatch):
+    """Below MIN_TOKENS_PER_MICRO_BATCH tokens per thread the split costs more than it saves: the
+    default runs the plain step (bit-identical), or fewer micro-batches."""
+    monkeypatch.setattr(DP, "MIN_TOKENS_PER_MICRO_BATCH", 20)
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    model = _llama(np.float32)
+    ids, labels, mask = _batch()                          # 5 x 9 = 45 tokens: 2 x 20 fit
+    calls = []
+    monkeypatch.setattr(DP, "replicate", lambda m, _r=DP.replicate: calls.append(1) or _r(m))
+    DP.forward_backward(model, ids, labels, mask)
+    assert len(calls) == 2
+    calls.clear()
+    DP.forward_backward(model, ids[:4, :9], labels[:4, :9], mask[:4, :9])   # 36 tokens: one
+    assert calls == []
+
+
 def test_micro_batches_cover_the_batch():
     assert DP.micro_batches(16, 2) == [slice(0, 8), slice(8, 16)]
     assert DP.micro_batches(5, 3) == [slice(0, 2), slice(2, 3), slice(3, 5)]
     assert DP.micro_batches(1, 4) == [slice(0, 1)]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_non_finite_loss_runs_no_backward(n_threads):
+    model = _llama(np.float64)
+    ids, labels, mask = _batch()
+    model.lm_head.weight.data[0, 0] = np.nan                 # every logit row with token 0 is NaN
+    loss = DP.forward_backward(model, ids, labels, mask, n_threads=n_threads)
+    assert not np.isfinite(loss.item())
+    assert all(p.grad is None for p in model.parameters())

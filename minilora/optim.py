@@ -204,22 +204,59 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, g, state, group) -> None:
-        xpmod = backend.get_xp(p.data)
+        arrays = (p.data, g, state["exp_avg"], state["exp_avg_sq"])
+        pieces = _cache_pieces(arrays)
+        if pieces is None:
+            self._update_arrays(*arrays, state["step"], group)
+            return
+        flat = [a.reshape(-1) for a in arrays]
+        scratch = np.empty(_CACHE_PIECE, dtype=p.data.dtype)
+        for sl in pieces:
+            self._update_arrays(*(a[sl] for a in flat), state["step"], group,
+                                scratch[: sl.stop - sl.start])
+
+    @staticmethod
+    def _update_arrays(w, g, m, v, t: int, group: dict, tmp=None) -> None:
+        """The update above, in place on the arrays w (the weights), m and v; ``tmp`` is scratch
+        space of their size (allocated here if not given)."""
+        xpmod = backend.get_xp(w)
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        t = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        tmp = xpmod.empty_like(w) if tmp is None else tmp
         if wd:
-            p.data *= 1.0 - lr * wd
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
-        denom = xpmod.sqrt(v)
-        denom *= 1.0 / math.sqrt(1.0 - b2 ** t)
-        denom += eps
-        upd = m / denom
-        upd *= lr / (1.0 - b1 ** t)
-        p.data -= upd
+            w *= 1.0 - lr * wd
+        m *= b1                                                  # m <- b1 m + (1 - b1) g
+        xpmod.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
+        v *= b2                                                  # v <- b2 v + (1 - b2) g^2
+        xpmod.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
+        xpmod.sqrt(v, out=tmp)                                   # sqrt(v) / sqrt(1 - b2^t) + eps
+        tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        tmp += eps
+        xpmod.divide(m, tmp, out=tmp)                            # m / denominator
+        tmp *= lr / (1.0 - b1 ** t)
+        w -= tmp
+
+
+# AdamW makes about a dozen passes over each parameter-sized array (weights, gradient, two moments,
+# scratch). On a big matrix each pass streams it from memory again; on pieces of this many numbers
+# (512 KiB of float32 per array) the passes after the first mostly hit the cache. Elementwise, so the
+# result is the same bits. Smaller pieces suit one thread better but cost more NumPy calls, and with
+# two threads every call hands the GIL over (64 Ki pieces were slower than none at 2 threads).
+# Measured on the small config's 10.8M parameters (interleaved medians of 21 steps): 1 thread
+# 66 -> 55 ms, 2 threads 37 -> 33 ms.
+_CACHE_PIECE = 1 << 17
+
+
+def _cache_pieces(arrays) -> list | None:
+    """Slices of the flattened arrays, ``_CACHE_PIECE`` numbers each, or None to update the arrays
+    whole (on a GPU, for a small parameter, or when an array is not contiguous)."""
+    n = arrays[0].size
+    if n <= 2 * _CACHE_PIECE or not all(isinstance(a, np.ndarray) and a.flags.c_contiguous
+                                        for a in arrays):
+        return None
+    return [slice(i, min(i + _CACHE_PIECE, n)) for i in range(0, n, _CACHE_PIECE)]
 
 
 def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:

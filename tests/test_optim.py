@@ -54,6 +54,23 @@ def test_adamw_matches_torch(kw):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_in_cache_sized_pieces_is_bit_identical(monkeypatch):
+    """A big parameter is updated in pieces (optim._CACHE_PIECE numbers, the last one partial):
+    elementwise arithmetic, so the same bits as the whole-array update; and it matches torch."""
+    import minilora.optim as optim
+    monkeypatch.setattr(optim, "_CACHE_PIECE", 1000)
+    arrays = [np.random.default_rng(5).standard_normal((37, 181)).astype(np.float32)]  # 6.7 pieces
+    kw = dict(lr=3e-3, weight_decay=0.1)
+    pieces, opt = run_minilora(lambda ps: AdamW(ps, **kw), arrays, steps=5)
+    assert optim._cache_pieces((pieces[0],) * 4)[-1] == slice(6000, 6697)
+    monkeypatch.setattr(optim, "_CACHE_PIECE", 10 ** 9)
+    whole, _ = run_minilora(lambda ps: AdamW(ps, **kw), arrays, steps=5)
+    np.testing.assert_array_equal(pieces[0], whole[0])
+    torch = pytest.importorskip("torch")
+    ref = run_torch(torch, lambda ps: torch.optim.AdamW(ps, **kw), arrays, steps=5)
+    np.testing.assert_allclose(pieces[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
 def test_adamw_defaults_are_torch_defaults():
     opt = AdamW([nn.Parameter(np.zeros(2, dtype=np.float32))])
     g = opt.param_groups[0]

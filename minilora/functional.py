@@ -597,13 +597,19 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     * the scores are held *key-major*, st[..., j, i] = k_j . q_i, so the softmax reductions run over
       axis -2, which NumPy vectorises across contiguous rows (reducing the last axis is several
       times slower); the matmuls absorb the transposes for free;
-    * q is scaled once (Tq x d numbers) instead of the Tq x Tk scores; mask, max-shift, exp and
-      normalisation are done in place on one buffer, which the backward then reuses;
+    * q is scaled once (Tq x d numbers) instead of the Tq x Tk scores; mask, max-shift and exp are
+      done in place on one buffer, which the backward then reuses; the division by the row sums is
+      applied to the (Tq, d) output instead of the (Tk, Tq) weights (and in the backward to G);
     * backward needs no second softmax pass: with P = softmax(S), O = P V and upstream G,
           dV = P^T G,   dP = G V^T,   dS = P * (dP - rowsum(G * O)),   dQ = dS K s,   dK = dS^T (Q s),
       where rowsum(dP * P) = rowsum(G * O) is a (Tq, d) product instead of a (Tq, Tk) one
       (the identity FlashAttention uses, Dao et al. 2022);
-    * causal attention skips most of the scores above the diagonal (``_query_blocks``);
+    * causal attention skips most of the scores above the diagonal (``_query_blocks``), and only the
+      diagonal square of each query block gets the causal mask added;
+    * q (scaled), k and v are made C-contiguous once, and kept for the backward: the model passes
+      head-major views of its projections, and the batched matmuls run measurably faster on
+      contiguous operands (about 7% of the op, forward plus backward, at the tiny config's shapes),
+      for one extra copy of k and v per layer held until backward;
     * on the CPU, batch chunks run in parallel threads (``minilora.parallel``), each with
       single-threaded BLAS: many small matmuls parallelise better across chunks than inside BLAS.
     """

@@ -547,7 +547,7 @@ def _sdpa_forward(qs, k, v, biases, blocks, causal: bool):
         xpmod.exp(st, out=st)                             # E, (..., kend, b-a)
         inv_l = 1.0 / st.sum(axis=-2, keepdims=True)      # 1 / rowsum, (..., 1, b-a)
         yb = y[..., a:b, :]
-        xpmod.matmul(st.swapaxes(-1, -2), v[..., :kend, :], out=yb)   # (..., b-a, kend) @ (..., kend, d)
+        parallel.matmul_into(st.swapaxes(-1, -2), v[..., :kend, :], yb)  # (..., b-a, kend) @ (..., kend, d)
         yb *= inv_l.swapaxes(-1, -2)                      # normalise: P V = (E V) / rowsum
         saved.append((st, inv_l))
     return saved, y
@@ -616,7 +616,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     xpmod = backend.get_xp(q.data)
     dt = q.data.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qs = xpmod.multiply(q.data, dt.type(scale), order="C")   # (..., Tq, d), C-contiguous
+    qs = (np.multiply(q.data, dt.type(scale), order="C") if xpmod is np      # (..., Tq, d),
+          else xpmod.ascontiguousarray(q.data * dt.type(scale)))            # C-contiguous
     kd, vd = xpmod.ascontiguousarray(k.data), xpmod.ascontiguousarray(v.data)
     Tq, Tk = q.shape[-2], k.shape[-2]
     biases = []                                           # additive, key-major: (..., Tk, Tq)

@@ -181,14 +181,16 @@ def matmul(a, b, out=None):
     xpmod = np if isinstance(a, np.ndarray) else None
     chunks = split_rows(M, M * K * N, xpmod, MIN_PARALLEL_MACS)
     if len(chunks) == 1 or not can_hold_blas():
-        return a @ b if out is None else _matmul_into(a, b, out)
+        return a @ b if out is None else matmul_into(a, b, out)
     if out is None:
         out = np.empty((M, N), dtype=np.result_type(a.dtype, b.dtype))
     run_chunks(lambda rows: np.matmul(a[rows], b, out=out[rows]), chunks, blas_one_thread=True)
     return out
 
 
-def _matmul_into(a, b, out):
+def matmul_into(a, b, out):
+    """out[...] = a @ b without a temporary on NumPy (``out`` may be a strided view); CuPy gets
+    the plain assignment, which works for any ``out``."""
     if isinstance(a, np.ndarray):
         return np.matmul(a, b, out=out)
     out[...] = a @ b

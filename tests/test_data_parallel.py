@@ -4,6 +4,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minilora import backend, parallel
 from minilora import data_parallel as DP
@@ -67,6 +69,37 @@ def test_split_batch_gives_the_full_batch_loss_and_gradients_float64(n_threads, 
     assert g_split.keys() == g_plain.keys() and len(g_plain) == len(list(model.parameters()))
     for name in g_plain:
         np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-13, err_msg=name)
+
+
+_MODEL64 = None
+
+
+@given(B=st.integers(2, 6), T=st.integers(2, 8), n_threads=st.integers(2, 4),
+       seed=st.integers(0, 2 ** 16), p_ignore=st.sampled_from([0.0, 0.5, 0.9]))
+def test_any_split_equals_the_full_batch_float64(B, T, n_threads, seed, p_ignore):
+    """Property: for any batch shape, thread count and pattern of ignored targets (whole rows
+    included), the split step's loss and gradients are the full batch's, to float64 rounding."""
+    global _MODEL64
+    if _MODEL64 is None:
+        backend.manual_seed(0)
+        _MODEL64 = _llama(np.float64, tie=False)
+    model = _MODEL64
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 61, (B, T))
+    labels = np.where(rng.random((B, T)) < p_ignore, -100, ids)
+    if (labels[:, 1:] == -100).all():
+        labels[0, -1] = ids[0, -1]                       # at least one target in the batch
+    _clear(model)
+    plain = DP.forward_backward(model, ids, labels, n_threads=1).item()
+    g_plain = _grads(model)
+    _clear(model)
+    split = DP.forward_backward(model, ids, labels, n_threads=n_threads).item()
+    g_split = _grads(model)
+    _clear(model)
+    assert split == pytest.approx(plain, rel=1e-6)
+    assert g_split.keys() == g_plain.keys()
+    for name in g_plain:
+        np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-12, err_msg=name)
 
 
 def test_lora_model_float32_within_rounding_and_only_lora_factors_get_gradients():

@@ -42,6 +42,8 @@ NumPy's API, so `xp.exp`, `a @ b` and `xp.take` mean the same on both. This note
 - explains why **small ops are launch-bound** on a GPU: each kernel launch costs ~5–10 µs whatever
   it computes;
 - shows minilora's **own CUDA kernel**, NF4 dequantization, and its source;
+- shows how the CPU's **two cores** share a training step: **data parallelism**, one micro-batch per
+  thread on a replica of the model, gradients summed;
 - points to `benchmarks/gpu.py`, the one command that measures everything on a GPU.
 
 The outputs stored with this notebook come from a machine without a GPU: there, it says so and shows
@@ -413,7 +415,58 @@ n = Q_HOST.size
 stored = Q_HOST.nbytes + 4 * n                   # read packed + absmax, write float32
 print(f"{n:,} values: {stored / 2**20:.0f} MiB of memory traffic for one fused pass "
       f"({stored / n:.2f} bytes per value); at 3 TB/s that is {stored / 3e12 * 1e6:.0f} µs")"""),
-    md(r"""## 6. Measuring on a real GPU: `benchmarks/gpu.py`
+    md(r"""## 6. Two CPU cores, one batch: data parallelism
+
+A GPU runs each op on thousands of cores. NumPy runs each op on *one* CPU core, so minilora's fused
+ops split their rows over a small pool of threads (`minilora.parallel`). That costs a hand-off per
+op, hundreds per training step. The training loop (`minilora.train`) splits the *batch* instead, as
+PyTorch's DistributedDataParallel does across GPUs (`minilora.data_parallel.forward_backward`):
+
+- the batch of $B$ sequences is cut into one micro-batch per thread; micro-batch $k$ has $n_k$
+  target tokens out of $N$, and its mean loss $L_k$ is weighted by $n_k / N$, so
+  $L = \sum_k \frac{n_k}{N} L_k$ is the full batch's mean loss and
+  $\nabla L = \sum_k \frac{n_k}{N} \nabla L_k$ its gradient;
+- each thread runs forward and backward on a **replica** of the model: new `Parameter` objects over
+  the *same* arrays (no weight is copied), so each thread writes its own `.grad`;
+- the replicas' gradients are added in a fixed order, so a seed gives the same bits every run.
+
+NumPy releases Python's GIL inside every ufunc and matmul, so the two threads really compute at
+once. Below, the same batch both ways: the gradients agree to float32 rounding (the sums run in a
+different order), and the split step is timed against the plain one."""),
+    code(r"""from minilora import data_parallel, parallel
+
+dp_model = LlamaForCausalLM(CONFIG)
+dp_ids = host.integers(0, 256, size=(16, 64))                             # (B, T): 1,024 tokens
+
+
+def gradients(n_threads):
+    for p in dp_model.parameters():
+        p.grad = None
+    loss = data_parallel.forward_backward(dp_model, dp_ids, dp_ids, n_threads=n_threads).item()
+    return loss, {n: p.grad.copy() for n, p in dp_model.named_parameters()}
+
+
+loss_1, grads_1 = gradients(1)                   # the plain step: one thread, the whole batch
+loss_2, grads_2 = gradients(2)                   # two micro-batches of 8 sequences, two threads
+worst = max(float(np.abs(grads_2[n] - grads_1[n]).max() / np.abs(grads_1[n]).max()) for n in grads_1)
+print(f"loss: plain {loss_1:.6f}, split {loss_2:.6f}")
+print(f"largest gradient difference, relative to that gradient's largest entry: {worst:.1e}")
+if parallel.num_threads() > 1:
+    t_plain = median_time(lambda: gradients(1), min_seconds=0.05)
+    t_split = median_time(lambda: gradients(2), min_seconds=0.05)
+    print(f"forward + backward: plain {t_plain * 1e3:.1f} ms, split over 2 threads "
+          f"{t_split * 1e3:.1f} ms ({t_plain / t_split:.2f}x faster)")
+else:
+    print("one CPU thread here (MINILORA_NUM_THREADS or a single core): nothing to split")"""),
+    md(r"""The two agree to about $10^{-6}$ of each gradient's scale: float32 rounding (each weight gradient
+sums a thousand token contributions, each rounded at $6 \cdot 10^{-8}$, in another order). On two
+cores the split step is faster,
+though not twice as fast: the Python between the ops takes turns on the GIL, and each thread builds
+its replica. For small batches the turns cost more than the halved arithmetic saves, so
+`forward_backward` only splits when every micro-batch gets at least
+`data_parallel.MIN_TOKENS_PER_MICRO_BATCH` tokens (512); the training loop calls it at every step.
+
+## 7. Measuring on a real GPU: `benchmarks/gpu.py`
 
 This notebook times single operations. The whole picture on a GPU comes from one command:
 
@@ -439,7 +492,9 @@ checks its plumbing on the CPU. Results go to `docs/benchmarks.md`.
 - CPU and GPU results agree to float32 rounding, not bit for bit: the order of the sums differs.
   One-multiply kernels like NF4 dequantization match exactly.
 - Every GPU op pays a ~5–10 µs launch. Tiny models are launch-bound; GPUs pay off on big arrays, and
-  fusing work into one kernel (as minilora does for NF4) cuts launches and memory traffic."""),
+  fusing work into one kernel (as minilora does for NF4) cuts launches and memory traffic.
+- On the CPU, the training loop uses the cores by data parallelism: one micro-batch per thread on a
+  replica sharing the weights, gradients weighted by target counts and summed."""),
 ]
 
 

@@ -9,8 +9,9 @@ factors A and B train in float32 either way. This script measures, on the same m
 * peak traced memory of one training step (``tracemalloc``; NumPy reports its buffers to it), above
   what was allocated before the step: activations, gradients, optimizer state, and for QLoRA the
   shared dequantization buffers (one float32 matrix per distinct weight shape);
-* step time (forward + loss + backward + AdamW + zero_grad), the median of ``--steps`` steps after
-  a warm-up, LoRA and QLoRA interleaved so that load from other processes hits both alike.
+* step time (forward + loss + backward + AdamW + zero_grad, the training loop's step:
+  ``data_parallel.forward_backward``), the median of ``--steps`` steps after a warm-up, LoRA and
+  QLoRA interleaved so that load from other processes hits both alike.
 
 Configurations (vocab 256, batch 16, seq 128): tiny = hidden 128, 4 layers, intermediate 344;
 small = hidden 384, 6 layers, intermediate 1024. LoRA: r=8, alpha=16 on q, k, v, o.
@@ -59,9 +60,10 @@ def build(cfg: dict, qlora: bool):
 
 def step_fn(model, opt, ids):
     from minilora import backend
+    from minilora.data_parallel import forward_backward
 
-    def step():
-        model(ids, labels=ids).loss.backward()
+    def step():   # as minilora.train runs it (on the CPU: the batch split over the threads)
+        forward_backward(model, ids, ids)
         opt.step()
         opt.zero_grad()
         backend.synchronize()

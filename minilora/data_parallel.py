@@ -4,9 +4,10 @@ backward at the same time, in separate threads, with their gradients summed.
 This is what PyTorch's DistributedDataParallel does across GPUs (Li et al. 2020, "PyTorch
 Distributed: Experiences on Accelerating Data Parallel Training"), shrunk to one machine:
 
-1. ``replicate(model)`` gives each thread a replica of the module tree whose Parameters are new
-   leaves *sharing the original arrays* (no weight is copied). Each thread's backward adds into its
-   own replica's ``.grad``, so no two threads ever write the same gradient array.
+1. ``replicate(model)`` gives each thread a replica of the module tree whose trainable Parameters
+   are new leaves *sharing the original arrays* (no weight is copied; frozen parts are not even
+   replicated). Each thread's backward adds into its own replica's ``.grad``, so no two threads ever
+   write the same gradient array.
 2. Each micro-batch's mean loss is weighted by its share of the batch's target tokens, so the
    weighted losses add up to the full batch's mean loss, and the replicas' gradients add up to the
    full batch's gradient (equal up to float32 rounding: the sums run in a different order).
@@ -48,15 +49,24 @@ MIN_TOKENS_PER_MICRO_BATCH = 512
 
 
 def replicate(module: Module) -> tuple[Module, dict]:
-    """A copy of the module tree whose Parameters are new Tensors over the *same* arrays.
+    """A copy of the module tree whose trainable Parameters are new Tensors over the *same* arrays.
 
-    Every module is copied shallowly (its plain attributes, such as a config, flags or a frozen 4-bit
-    weight, are shared), its ``_parameters`` and ``_modules`` are rebuilt from replicas, and a
-    Parameter or module reached twice (tied embeddings) is replicated once. Returns (replica,
-    {id(original parameter): replica parameter}).
+    Every module with a trainable Parameter in it or below it is copied shallowly (its plain
+    attributes, such as a config, flags or a frozen 4-bit weight, are shared), its ``_parameters``
+    and ``_modules`` rebuilt from replicas; a Parameter or module reached twice (tied embeddings) is
+    replicated once. A module with nothing trainable below it (a frozen MLP, a LoRA layer's base) is
+    not copied at all: no gradient is ever stored in it, so threads may run it together. Returns
+    (replica, {id(original parameter): replica parameter}).
     """
     params: dict = {}
     modules: dict = {}
+    trains: dict = {}   # id(module) -> it or a module below it holds a trainable Parameter
+
+    def trained(m: Module) -> bool:
+        if id(m) not in trains:
+            trains[id(m)] = (any(p is not None and p.requires_grad for p in m._parameters.values())
+                             or any(trained(c) for c in m._modules.values()))
+        return trains[id(m)]
 
     def param(p: Parameter) -> Parameter:
         if id(p) not in params:
@@ -64,6 +74,8 @@ def replicate(module: Module) -> tuple[Module, dict]:
         return params[id(p)]
 
     def copy(m: Module) -> Module:
+        if not trained(m):
+            return m
         if id(m) in modules:
             return modules[id(m)]
         r = object.__new__(type(m))

@@ -176,17 +176,27 @@ def test_same_seed_same_bits_with_dropout():
         np.testing.assert_array_equal(g, runs[1][0][name])
 
 
-def test_replicas_share_the_weights_memory_and_keep_ties():
-    model = get_peft_model(_llama(np.float32, tie=True), LoraConfig(r=2, lora_alpha=4))
+@pytest.mark.parametrize("lora", [False, True])
+def test_replicas_share_the_weights_memory_and_keep_ties(lora):
+    """Trainable Parameters are new objects over the same arrays; frozen modules are shared as they
+    are (a LoRA model's MLPs, base layers, norms and tied embeddings)."""
+    model = _llama(np.float32, tie=True)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4))
     replica, mapping = DP.replicate(model)
     names = [n for n, _ in model.named_parameters()]
     assert [n for n, _ in replica.named_parameters()] == names
     for (_, p), (_, r) in zip(model.named_parameters(), replica.named_parameters()):
-        assert r is not p and r.data is p.data and r.requires_grad == p.requires_grad
-        assert mapping[id(p)] is r
-    base, rbase = model.get_base_model(), replica.get_base_model()
+        assert r.data is p.data and r.requires_grad == p.requires_grad
+        assert (r is not p and mapping[id(p)] is r) if p.requires_grad else r is p
+    base = model.get_base_model() if lora else model
+    rbase = replica.get_base_model() if lora else replica
     assert rbase.lm_head.weight is rbase.model.embed_tokens.weight        # still tied
-    assert rbase.model.layers[0].self_attn.q_proj is not base.model.layers[0].self_attn.q_proj
+    attn, rattn = base.model.layers[0].self_attn, rbase.model.layers[0].self_attn
+    assert rattn is not attn and rattn.q_proj is not attn.q_proj
+    assert (rbase.model.layers[0].mlp is base.model.layers[0].mlp) == lora   # frozen: shared
+    if lora:
+        assert rattn.q_proj.base_layer is attn.q_proj.base_layer
 
 
 def test_a_parameter_held_outside_the_module_tree_is_caught():

@@ -160,7 +160,8 @@ def _child_memory(args) -> dict:
 
 def _spawn(mode: str, config: str, variants: str, steps: int, warmup: int, threads: int):
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                "MINILORA_NUM_THREADS"):
         env[var] = str(threads)
     env["MINILORA_DEVICE"] = "cpu"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,8 +1,12 @@
 """One full training step of a Llama: minilora (NumPy) vs transformers (PyTorch), on the CPU.
 
-A step is forward + loss + backward + AdamW update + zero_grad, on random byte ids (labels = ids).
-Both libraries run in the same process, interleaved step by step (see ``common.py``), on the same
-``--threads`` threads (torch.set_num_threads; NumPy's BLAS via threadpoolctl; minilora's kernels).
+A step is forward + loss + backward + AdamW update + zero_grad, on random byte ids (labels = ids);
+minilora's is the one ``minilora.train`` runs (``data_parallel.forward_backward``). Both libraries get
+the same ``--threads`` threads (torch.set_num_threads; NumPy's BLAS via threadpoolctl; minilora's
+kernels). Each library runs in a process of its own (importing minilora sets up the process's
+memory allocator for NumPy, which would also change PyTorch's), the two processes alternating
+``--rounds`` times so that drift in the machine's load hits both alike; ``--same-process``
+interleaves them step by step in one process instead (``common.interleaved_medians``).
 Reported: the median step time of each, the ratio minilora / torch (the requirement is <= 1.0), and
 the model FLOPs per step against a measured float32 matmul peak.
 
@@ -14,12 +18,17 @@ Configurations (vocab 256, batch 16): tiny = hidden 128, 4 layers, 4 heads, inte
 seq 128; small = hidden 384, 6 layers, 6 heads, intermediate 1024, seq 256.
 
 Run:  python benchmarks/bench_train_step.py [--configs tiny,small] [--steps 5] [--warmup 2]
+                                           [--rounds 2] [--threads 2] [--same-process]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (CpuSteal, interleaved_medians, limit_threads, machine_summary,  # noqa: E402
@@ -87,14 +96,59 @@ def torch_step(cfg: dict):
     return step
 
 
+STEP_BUILDERS = {"minilora": minilora_step, "torch": torch_step}
+
+
+def _child(args) -> int:
+    """One library, one config: print the step times (after the warm-up) as a RESULT line."""
+    limit_threads(args.threads, torch=args.child == "torch")   # a minilora process never loads torch
+    step = STEP_BUILDERS[args.child](CONFIGS[args.config])
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    print("RESULT " + json.dumps(times))
+    return 0
+
+
+def _spawn(lib: str, config: str, args) -> list:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--config", config,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"the {lib} process for {config} failed: "
+                       f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def separate_medians(config: str, libs: list, args) -> dict:
+    """{library: median step seconds}, each library in its own processes, alternating rounds."""
+    times = {lib: [] for lib in libs}
+    for _ in range(args.rounds):
+        for lib in libs:
+            times[lib] += _spawn(lib, config, args)
+    return {lib: statistics.median(ts) for lib, ts in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,small")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate the minilora and torch processes this many times")
     ap.add_argument("--threads", type=int, default=2,
                     help="threads for both: torch, NumPy's BLAS and minilora's kernels")
+    ap.add_argument("--same-process", action="store_true",
+                    help="both libraries in this process, interleaved step by step")
+    ap.add_argument("--child", choices=sorted(STEP_BUILDERS), help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        return _child(args)
     limit_threads(args.threads)
 
     print(machine_summary())
@@ -111,12 +165,17 @@ def main(argv=None) -> int:
         print("torch/transformers not installed: minilora timings only")
     worst = 0.0
     steal = CpuSteal().__enter__()
+    libs = ["minilora", "torch"] if have_torch else ["minilora"]
+    print(f"median of {args.rounds} x {args.steps} steps, " + (
+        "both libraries in one process, interleaved" if args.same_process
+        else "each library in its own processes, alternating"))
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
-        fns = {"minilora": minilora_step(cfg)}
-        if have_torch:
-            fns["torch"] = torch_step(cfg)
-        med = interleaved_medians(fns, steps=args.steps, warmup=args.warmup)
+        if args.same_process:
+            med = interleaved_medians({lib: STEP_BUILDERS[lib](cfg) for lib in libs},
+                                      steps=args.rounds * args.steps, warmup=args.warmup)
+        else:
+            med = separate_medians(name, libs, args)
         flops = step_flops(cfg)
         line = f"{name:6s} minilora {med['minilora'] * 1e3:8.1f} ms"
         if have_torch:

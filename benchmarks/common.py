@@ -39,9 +39,10 @@ def interleaved_medians(fns: dict, steps: int = 5, warmup: int = 2) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def limit_threads(n: int) -> None:
+def limit_threads(n: int, torch: bool = True) -> None:
     """Give every library the same ``n`` threads: NumPy's BLAS (threadpoolctl), minilora's kernels
-    (MINILORA_NUM_THREADS) and PyTorch (set_num_threads), so that comparisons are like for like."""
+    (MINILORA_NUM_THREADS) and PyTorch (set_num_threads; ``torch=False`` leaves it unimported, for a
+    process that runs minilora alone), so that comparisons are like for like."""
     import numpy as np  # noqa: F401  (load the BLAS before limiting it)
     os.environ["MINILORA_NUM_THREADS"] = str(n)
     try:
@@ -49,9 +50,11 @@ def limit_threads(n: int) -> None:
         threadpool_limits(limits=n, user_api="blas")
     except ImportError:
         pass
+    if not torch:
+        return
     try:
-        import torch
-        torch.set_num_threads(n)
+        import torch as torch_module
+        torch_module.set_num_threads(n)
     except ImportError:
         pass
 

@@ -142,4 +142,4 @@ def test_freed_host_memory_is_reused_without_page_faults():
     # in a worker thread, with buffers of 1 to 12 MiB: one malloc arena for every thread keeps them
     # too (a thread's own arena unmapped its heaps: ~10,800 faults a round when measured)
     assert faults("1", 12, "worker") < 100
-    assert faults("0", 12, "worker") > 5000
+    assert faults("0", 12, "worker") > 1000        # 5,401 measured (glibc 2.36)

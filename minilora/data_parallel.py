@@ -150,9 +150,10 @@ def forward_backward(model: Module, input_ids, labels=None, attention_mask=None,
         with parallel.single_threaded(), backend.use_rng(generators[i]):
             loss = model_loss(replica, ids[sl], lab[sl], None if mask is None else mask[sl])
             weight = counts[k] / total
-            if math.isfinite(loss.item()):
+            value = loss.item()
+            if math.isfinite(value):
                 loss.backward(grad=np.asarray(weight, dtype=loss.data.dtype))
-            return float(loss.item()) * weight
+            return value * weight
 
     loss = sum(parallel.run_chunks(run, list(range(len(work))), blas_one_thread=True))
     if not math.isfinite(loss):              # leave every gradient as it was; the caller decides
@@ -163,7 +164,7 @@ def forward_backward(model: Module, input_ids, labels=None, attention_mask=None,
             raise RuntimeError("data_parallel: a module reached a parameter of the original model "
                                "instead of its replica's (a layer kept in a plain list or dict?); "
                                "register it as a module attribute, or set MINILORA_NUM_THREADS=1")
-        grads = [r[1][id(p)].grad for r in replicas if r[1][id(p)].grad is not None]
+        grads = [g for g in (mapping[id(p)].grad for _, mapping in replicas) if g is not None]
         if grads:
             g = grads[0]                                   # the replica's own array: add in place
             for other in grads[1:]:

@@ -641,7 +641,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         lambda sl: _sdpa_forward(qs[sl], kd[sl], vd[sl], chunk_bias(sl), blocks, causal_square),
         chunks,
         blas_one_thread=True)
-    pts = [r[0] for r in results]                         # per chunk and block, for the backward
+    saved = [r[0] for r in results]                       # per chunk and block, for the backward
     y = results[0][1] if len(results) == 1 else xpmod.concatenate([r[1] for r in results])
     out = Tensor._result(y, (q, k, v), "sdpa")
 
@@ -649,7 +649,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         g = out.grad                                      # (..., Tq, d)
         need = (q.requires_grad, k.requires_grad, v.requires_grad)
         grads = parallel.run_chunks(
-            lambda i: _sdpa_backward(g[chunks[i]], y[chunks[i]], pts[i], qs[chunks[i]],
+            lambda i: _sdpa_backward(g[chunks[i]], y[chunks[i]], saved[i], qs[chunks[i]],
                                      kd[chunks[i]], vd[chunks[i]], blocks, scale, *need),
             list(range(len(chunks))), blas_one_thread=True)
         for j, t in enumerate((q, k, v)):

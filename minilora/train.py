@@ -61,11 +61,6 @@ def _batch_source(batches) -> Callable[[int], object]:
     return next_batch
 
 
-def _loss_of(model, batch):
-    ids, labels, mask = _unpack(batch)
-    return model_loss(model, ids, labels, mask), ids
-
-
 def evaluate(model, batches: Iterable) -> float:
     """Mean loss over ``batches`` (an iterable), in eval mode and without building a graph."""
     was_training = getattr(model, "training", True)
@@ -74,7 +69,7 @@ def evaluate(model, batches: Iterable) -> float:
     try:
         with no_grad():
             for batch in batches:
-                loss, _ = _loss_of(model, batch)
+                loss = model_loss(model, *_unpack(batch))
                 total += loss.item()
                 n += 1
     finally:

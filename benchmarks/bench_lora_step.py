@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuSteal  # noqa: E402
+from common import CpuSteal, run_child  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -164,18 +163,13 @@ def _spawn(mode: str, config: str, variants: str, steps: int, warmup: int, threa
                 "MINILORA_NUM_THREADS"):
         env[var] = str(threads)
     env["MINILORA_DEVICE"] = "cpu"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--config", config,
-           "--variant", variants, "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    print(f"  {config} {mode} {variants}: skipped ({err})", file=sys.stderr)
-    return None
+    try:
+        return run_child(__file__, ["--child", mode, "--config", config, "--variant", variants,
+                                    "--steps", steps, "--warmup", warmup, "--threads", threads],
+                         env)
+    except RuntimeError as e:
+        print(f"  {config} {mode} {variants}: skipped ({e})", file=sys.stderr)
+        return None
 
 
 def _median(xs):

@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (CpuSteal, interleaved_medians, limit_threads, machine_summary,  # noqa: E402
-                    matmul_peak_gflops)
+                    matmul_peak_gflops, run_child)
 
 CONFIGS = {
     "tiny": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -113,23 +112,17 @@ def _child(args) -> int:
     return 0
 
 
-def _spawn(lib: str, config: str, args) -> list:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--config", config,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"the {lib} process for {config} failed: "
-                       f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-
-
 def separate_medians(config: str, libs: list, args) -> dict:
     """{library: median step seconds}, each library in its own processes, alternating rounds."""
     times = {lib: [] for lib in libs}
     for _ in range(args.rounds):
         for lib in libs:
-            times[lib] += _spawn(lib, config, args)
+            try:
+                times[lib] += run_child(__file__, ["--child", lib, "--config", config,
+                                                   "--steps", args.steps, "--warmup", args.warmup,
+                                                   "--threads", args.threads])
+            except RuntimeError as e:
+                raise RuntimeError(f"the {lib} process for {config} failed: {e}") from None
     return {lib: statistics.median(ts) for lib, ts in times.items()}
 
 

@@ -6,9 +6,12 @@ compared *interleaved* (A, B, A, B, ...) in one process, so a burst of outside l
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -135,3 +138,19 @@ class CpuSteal:
         if self.share is None:
             return "CPU steal during the run: unknown (no /proc/stat)"
         return f"CPU steal during the run: {self.share:.1%} (time the VM's cores ran other guests)"
+
+
+def run_child(script: str, args: list, env: dict | None = None):
+    """Run ``python script args...`` (a benchmark's ``--child`` mode) with this repository first on
+    PYTHONPATH and return what its ``RESULT <json>`` line carries; RuntimeError with the child's last
+    line of stderr when there is none. Benchmarks run each library in a process of its own, so that
+    neither one's set-up (minilora's malloc tuning, PyTorch's threads) changes the other's timings."""
+    env = dict(os.environ if env is None else env)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], env=env,
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1])

@@ -17,7 +17,14 @@ measures both on the same model:
 * peak memory of each variant in a fresh subprocess: peak resident set size (``resource``) above the
   RSS after imports and, for minilora, the peak of all traced allocations from before the model is
   built (``tracemalloc``; NumPy reports its array buffers to it): weights, gradients, optimizer
-  state and activations together.
+  state and activations together;
+* the floor of any adapter method on this model ("minilora-floor"): every weight frozen except the
+  first layer's input RMSNorm weight, so backward still carries dL/dx through every layer (as LoRA
+  must, to reach its first adapter) but computes no weight gradient and AdamW updates 128-384
+  numbers. A LoRA step cannot cost less than this step plus its adapters' own work, so floor / full
+  says how far below full fine-tuning *any* LoRA step on this model can go: the weight-gradient
+  GEMMs it skips are one third of the Linear layers' FLOPs, while attention, the norms, SwiGLU,
+  RoPE and the loss cost the same in both.
 
 BLAS is limited to ``--threads`` threads in every subprocess. Configurations (vocab 256, batch 16): tiny = hidden 128, 4 layers, 4 heads, intermediate
 344, seq 128; small = hidden 384, 6 layers, 6 heads, intermediate 1024, seq 256. LoRA: r=8, alpha=16
@@ -54,8 +61,9 @@ def _model_kwargs(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------ building one variant
-def _minilora_step_fn(cfg: dict, lora: bool):
-    """(step function, trainable count, total count) for a minilora model, full FT or LoRA."""
+def _minilora_step_fn(cfg: dict, kind: str):
+    """(step function, trainable count, total count) for a minilora model: kind "full" (full FT),
+    "lora", or "floor" (only the first layer's input norm trained: no weight gradients at all)."""
     import numpy as np
 
     from minilora import backend
@@ -66,8 +74,11 @@ def _minilora_step_fn(cfg: dict, lora: bool):
 
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_model_kwargs(cfg)))
-    if lora:
+    if kind == "lora":
         model = get_peft_model(model, LoraConfig(**LORA))
+    elif kind == "floor":
+        model.requires_grad_(False)
+        model.model.layers[0].input_layernorm.weight.requires_grad = True
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW(params, lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(cfg["batch"], cfg["seq"]))
@@ -104,7 +115,7 @@ def _torch_step_fn(cfg: dict, lora: bool):
 
 def _builder(variant: str, threads: int):
     if variant.startswith("minilora"):
-        return lambda cfg: _minilora_step_fn(cfg, variant.endswith("lora"))
+        return lambda cfg: _minilora_step_fn(cfg, variant.split("-")[1])
     import torch
     torch.set_num_threads(threads)
     return lambda cfg: _torch_step_fn(cfg, variant.endswith("lora"))
@@ -213,7 +224,7 @@ def main(argv=None) -> int:
               f"{args.threads} threads; median of {args.rounds} x {args.steps} steps (interleaved within "
               f"a library, the libraries' processes alternating)", flush=True)
         rows = {}
-        groups = [("minilora-full", "minilora-lora")]
+        groups = [("minilora-full", "minilora-lora", "minilora-floor")]
         if not args.no_torch:
             groups.append(("torch-full", "torch-peft-lora"))
         for _ in range(args.rounds):   # the two libraries' processes alternate, so drift hits both
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
             res["median_s"] = _median(res["times"])
             res["median_cpu_s"] = _median(res["cpu_times"])
         if not args.no_memory:
-            for v in list(rows):
+            for v in [v for v in rows if v != "minilora-floor"]:
                 m = _spawn("memory", config, v, args.steps, args.warmup, args.threads)
                 if m:
                     rows[v].update(m)
@@ -249,6 +260,10 @@ def main(argv=None) -> int:
                 line += (f"; traced peak memory LoRA / full: "
                          f"{lora['peak_traced'] / full['peak_traced']:.2f}x")
             print(line)
+        if "minilora-full" in rows and "minilora-floor" in rows:
+            floor = rows["minilora-floor"]["median_s"] / rows["minilora-full"]["median_s"]
+            print(f"  floor of any adapter method (no weight gradients) / full step time: {floor:.2f}x"
+                  f" (LoRA / floor: {rows['minilora-lora']['median_s'] / rows['minilora-floor']['median_s']:.2f}x)")
         if "torch-full" in rows and "torch-peft-lora" in rows:
             t_full, t_lora = rows["torch-full"], rows["torch-peft-lora"]
             print(f"  transformers+PEFT LoRA / full step time: {t_lora['median_s'] / t_full['median_s']:.2f}x"

@@ -76,20 +76,34 @@ def single_threaded():
         _local.single = old
 
 
+_blas_holds = 0                  # blas_single_thread() blocks open now, in any thread
+_blas_holds_lock = threading.Lock()
+
+
 @contextmanager
 def blas_single_thread():
-    """Hold the BLAS library to one thread inside the block (via threadpoolctl, when installed)."""
-    libs = _blas_libs()
-    old = [lib.num_threads for lib in libs]
-    for lib, n in zip(libs, old):
-        if n != 1:
-            lib.set_num_threads(1)
+    """Hold the BLAS library to one thread inside the block (via threadpoolctl, when installed).
+
+    BLAS's thread count belongs to the whole process. While any block is open it is already one,
+    so a block opened inside another (``lora_linear``'s small products run in ``data_parallel``'s
+    threads, which ``run_chunks`` holds) only counts itself instead of calling into the library
+    twice; the block that set the count restores it when it closes."""
+    global _blas_holds
+    with _blas_holds_lock:
+        first = _blas_holds == 0
+        _blas_holds += 1
+    restore = []
     try:
+        if first:
+            restore = [(lib, n) for lib in _blas_libs() if (n := lib.num_threads) != 1]
+            for lib, _ in restore:
+                lib.set_num_threads(1)
         yield
     finally:
-        for lib, n in zip(libs, old):
-            if n != 1:
-                lib.set_num_threads(n)
+        for lib, n in restore:
+            lib.set_num_threads(n)
+        with _blas_holds_lock:
+            _blas_holds -= 1
 
 
 class _Workers:

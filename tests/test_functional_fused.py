@@ -223,3 +223,41 @@ def test_parallel_matmul_matches_numpy(monkeypatch):
     out = np.empty((37, 11), dtype=np.float32)
     assert parallel.matmul(a, b, out=out) is out
     np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_blas_hold_inside_another_costs_no_library_call(monkeypatch):
+    """BLAS's thread count is process-wide: a block opened (in any thread) while another is open
+    finds it at one already and must neither query, set nor restore it; the outer block restores it."""
+    import threading
+    libs = parallel._blas_libs()
+    if not libs:
+        pytest.skip("threadpoolctl found no BLAS to hold")
+    queries = []
+    monkeypatch.setattr(parallel, "_blas_libs", lambda: queries.append(1) or libs)
+    before = [lib.num_threads for lib in libs]
+    calls = []
+    for lib in libs:
+        orig = lib.set_num_threads
+        lib.set_num_threads = lambda n, orig=orig: (calls.append(n), orig(n))[1]
+    try:
+        with parallel.blas_single_thread():
+            assert all(lib.num_threads == 1 for lib in libs)
+            n_calls = len(calls)
+            seen = []
+
+            def other_thread():
+                with parallel.blas_single_thread():
+                    seen.append([lib.num_threads for lib in libs])
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join(5)
+            with parallel.blas_single_thread():
+                seen.append([lib.num_threads for lib in libs])
+            assert seen == [[1] * len(libs)] * 2
+            assert calls[n_calls:] == [] and len(queries) == 1   # the inner blocks left BLAS alone
+        assert calls[n_calls:] == [n for n in before if n != 1]   # restored once, by the outer block
+    finally:
+        for lib in libs:
+            del lib.set_num_threads
+    assert [lib.num_threads for lib in libs] == before
+    assert parallel._blas_holds == 0

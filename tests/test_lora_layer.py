@@ -297,11 +297,12 @@ def test_fused_forward_and_grads_match_module_form(dropout, bias):
         assert np.abs(f - p).max() <= 64 * EPS32 * scale, what
 
 
-@pytest.mark.parametrize("rows,dropout", [(6, 0.0), (2, 0.0), (6, 0.25)],
-                         ids=["merged-weight", "side-path", "side-path-dropout"])
+@pytest.mark.parametrize("rows,dropout", [(6, 0.0), (16, 0.0), (2, 0.0), (6, 0.25)],
+                         ids=["merged-weight", "merged-weight-kept", "side-path", "side-path-dropout"])
 def test_lora_linear_gradcheck_all_inputs_float64(rows, dropout):
-    """Both ways lora_linear computes h (N >= max(in, out) without dropout: the merged weight;
-    otherwise the side path) against central differences, for x, W0, b, A and B."""
+    """Both ways lora_linear computes h (N >= max(in, out) without dropout: the merged weight,
+    recomputed in backward, or kept from forward once out <= N / 4; otherwise the side path)
+    against central differences, for x, W0, b, A and B."""
     from minilora.lora.layer import lora_linear
     rng = np.random.default_rng(0)
     x0, W0, b0 = rng.standard_normal((rows, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
@@ -366,3 +367,22 @@ def test_layer_forward_backward_merge_on_every_device(device):
     assert np.allclose(backend.to_numpy(layer.lora_B["default"].weight.grad), dB, rtol=1e-4, atol=1e-4)
     layer.merge()
     assert np.allclose(layer.base_layer.weight.numpy(), W0 + 2.0 * B @ A, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,merges", [(16, 1), (6, 2)], ids=["kept", "recomputed"])
+def test_lora_linear_merged_weight_kept_only_when_small(monkeypatch, rows, merges):
+    """The merged weight (out, in) is formed once per step when out <= N / 4, and formed again in
+    backward otherwise (a weight-sized array per layer is not held for a large model)."""
+    from minilora.lora import layer as lora_layer
+    from minilora.lora.layer import lora_linear
+    calls = []
+    real = lora_layer.merge_math.merge_weight
+    monkeypatch.setattr(lora_layer.merge_math, "merge_weight",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    x = Tensor(rng.standard_normal((rows, 5)).astype(np.float32), requires_grad=True)
+    A = Tensor(rng.standard_normal((2, 5)).astype(np.float32), requires_grad=True)
+    B = Tensor(rng.standard_normal((4, 2)).astype(np.float32), requires_grad=True)
+    W = Tensor(rng.standard_normal((4, 5)).astype(np.float32))
+    lora_linear(x, W, None, A, B, lora_alpha=3, r=2).sum().backward()
+    assert len(calls) == merges and x.grad is not None

@@ -40,6 +40,13 @@ from ..tensor import Tensor, is_grad_enabled
 from . import merge as merge_math
 
 
+# The merged weight W0 + ΔW (out, in) is kept from forward for the backward when out <= this
+# fraction of the rows N: then it is at most that fraction of the input x, which the layer keeps
+# anyway. Larger ones are formed again in backward, so that a big model does not hold a weight-sized
+# array per layer until then.
+KEEP_MERGED_WEIGHT = 0.25
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, lora_alpha: float,
                 r: int, use_rslora: bool = False, dropout_p: float = 0.0,
                 training: bool = False) -> Tensor:
@@ -54,7 +61,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor,
     * the side path, x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: two thin GEMMs plus a pass over an (N, out) array;
     * without dropout, h = x·(W0 + ΔW)ᵀ with the merged weight from ``merge.merge_weight``: forming
       ΔW = s·B·A costs out·in·r multiply-adds, less than the side path's extra work once N is at
-      least max(in, out), as in any training batch (N = batch·seq in the thousands).
+      least max(in, out), as in any training batch (N = batch·seq in the thousands). The backward
+      needs it again for dL/dx: it is kept when out <= N / 4 (``KEEP_MERGED_WEIGHT``: then it is at
+      most a quarter of the input the layer keeps anyway), and recomputed otherwise (for a 4-bit base that means a second
+      dequantization).
 
     Backward, with g = dL/dh (N, out):
       dL/dB = s·gᵀu            (out, r)     dL/dA = (s·g·B)ᵀ·dropout(x)   (r, in)
@@ -74,6 +84,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor,
         keep = backend.random_uniform(X2.shape, xpmod, X2.dtype) >= dropout_p  # (N, in) bool
         Xd = X2 * (keep * X2.dtype.type(1.0 / (1.0 - dropout_p)))             # inverted dropout
     use_merged = keep is None and N >= max(in_f, out_f)
+    keep_merged = use_merged and out_f <= KEEP_MERGED_WEIGHT * N
 
     def merged_weight():                                       # W0 + s·B·A, (out, in)
         # a small product: one BLAS thread, so that no BLAS threads are left spinning next to
@@ -82,9 +93,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor,
             return merge_math.merge_weight(weight.data, lora_A.data, lora_B.data, lora_alpha, r,
                                            use_rslora)
 
-    u = None
+    u = w_kept = None
     if use_merged:
-        h = matmul(X2, merged_weight().T)                      # (N, in) @ (in, out) -> (N, out)
+        w_merged = merged_weight()                             # (out, in)
+        h = matmul(X2, w_merged.T)                             # (N, in) @ (in, out) -> (N, out)
+        w_kept = w_merged if keep_merged else None
         if lora_B.requires_grad and is_grad_enabled():
             u = matmul(X2, lora_A.data.T)                      # (N, in) @ (in, r): kept for dL/dB
     else:
@@ -104,8 +117,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor,
         if lora_A.requires_grad:
             lora_A._accum(matmul(gu.T, Xd), fresh=True)        # (r, N) @ (N, in) -> (r, in)
         if x.requires_grad:
-            if use_merged:   # recomputed rather than kept: a weight-sized array per layer
-                gx = matmul(g, merged_weight())                # (N, out) @ (out, in) -> (N, in)
+            if use_merged:   # (N, out) @ (out, in) -> (N, in)
+                gx = matmul(g, w_kept if w_kept is not None else merged_weight())
             else:
                 gx = matmul(gu, lora_A.data)                   # (N, r) @ (r, in) -> (N, in)
                 if keep is not None:

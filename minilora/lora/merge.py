@@ -127,8 +127,9 @@ def delta_weight(A, B, lora_alpha: float, r: int, use_rslora: bool = False, name
     s = scaling(lora_alpha, r, use_rslora)
     xp = get_xp(A, B)
     check_lora_shapes(xp.asarray(A).shape, xp.asarray(B).shape, r=r, name=name)
-    ba = _product(A, B, name)
-    return ba * ba.dtype.type(s)  # scale in the compute dtype (a Python float would not widen it)
+    ba = _product(A, B, name)     # a new array: scale it in place
+    ba *= ba.dtype.type(s)        # in the compute dtype (a Python float would not widen it)
+    return ba
 
 
 def _check_weight(W, what, xp):
@@ -146,7 +147,8 @@ def _apply_delta(W, A, B, lora_alpha, r, use_rslora, sign, safe_merge, name, wha
     delta = delta_weight(A, B, lora_alpha, r, use_rslora, name)  # (out, in)
     ct = np.promote_types(compute_dtype(W), delta.dtype)
     # add in the wide dtype, round to W's dtype once (float16 weights would lose the delta otherwise)
-    out = (W.astype(ct, copy=False) + sign * delta).astype(W.dtype, copy=False)
+    wide = W.astype(ct, copy=False)
+    out = (wide + delta if sign > 0 else wide - delta).astype(W.dtype, copy=False)
     if safe_merge:
         bad = int((~xp.isfinite(out)).sum())
         if bad:

@@ -34,7 +34,8 @@ CONFIGS = {   # (hidden, intermediate, tokens per micro-batch) of bench_train_st
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()
+    for _ in range(3):   # warm-up: the libraries' first calls set up buffers and thread pools
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -73,8 +74,9 @@ def main(argv=None) -> int:
                                       ("dW = g^T x", lambda: g.T @ x, lambda: tg.t() @ tx)):
                 t_np = _median_seconds(fn_np, args.repeats)
                 t_torch = _median_seconds(fn_t, args.repeats)
-                print(f"  {name:13s} {what:11s} (N={n}, in={d_in}, out={d_out}): NumPy {flops / t_np / 1e9:6.1f} "
-                      f"GFLOP/s, torch {flops / t_torch / 1e9:6.1f} GFLOP/s, time ratio {t_np / t_torch:.2f}")
+                print(f"  {name:13s} {what:11s} (N={n}, in={d_in}, out={d_out}): "
+                      f"NumPy {flops / t_np / 1e9:6.1f} GFLOP/s, torch {flops / t_torch / 1e9:6.1f} "
+                      f"GFLOP/s, time ratio {t_np / t_torch:.2f}")
     steal.__exit__()
     print(steal.line())
     return 0

@@ -84,10 +84,12 @@ _blas_holds_lock = threading.Lock()
 def blas_single_thread():
     """Hold the BLAS library to one thread inside the block (via threadpoolctl, when installed).
 
-    BLAS's thread count belongs to the whole process. While any block is open it is already one,
-    so a block opened inside another (``lora_linear``'s small products run in ``data_parallel``'s
-    threads, which ``run_chunks`` holds) only counts itself instead of calling into the library
-    twice; the block that set the count restores it when it closes."""
+    BLAS's thread count belongs to the whole process, so a block opened while another is open (in
+    any thread: ``lora_linear``'s small products run in ``data_parallel``'s threads, inside the
+    hold of ``run_chunks``) only counts itself instead of calling into the library twice; the
+    block that set the count restores it when it closes. (OpenBLAS ignores a raise of its thread
+    count made from a thread other than the main one, which is one more reason for the block that
+    set the count, normally the main thread's, to be the one that restores it.)"""
     global _blas_holds
     with _blas_holds_lock:
         first = _blas_holds == 0

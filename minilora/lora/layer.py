@@ -62,9 +62,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor,
     * without dropout, h = x·(W0 + ΔW)ᵀ with the merged weight from ``merge.merge_weight``: forming
       ΔW = s·B·A costs out·in·r multiply-adds, less than the side path's extra work once N is at
       least max(in, out), as in any training batch (N = batch·seq in the thousands). The backward
-      needs it again for dL/dx: it is kept when out <= N / 4 (``KEEP_MERGED_WEIGHT``: then it is at
-      most a quarter of the input the layer keeps anyway), and recomputed otherwise (for a 4-bit base that means a second
-      dequantization).
+      needs it again for dL/dx: it is kept when out <= N / 4 (``KEEP_MERGED_WEIGHT``: then it is
+      at most a quarter of the input the layer keeps anyway), and recomputed otherwise (for a
+      4-bit base that means dequantizing it a second time).
 
     Backward, with g = dL/dh (N, out):
       dL/dB = s·gᵀu            (out, r)     dL/dA = (s·g·B)ᵀ·dropout(x)   (r, in)

@@ -36,16 +36,10 @@ def _build(config: str, lora: bool):
     """(model, input ids of one micro-batch) for the config of bench_lora_step.py."""
     import numpy as np
 
-    from bench_lora_step import CONFIGS, LORA, _model_kwargs
-    from minilora import backend
-    from minilora.lora import LoraConfig, get_peft_model
-    from minilora.models import LlamaConfig, LlamaForCausalLM
+    from bench_lora_step import CONFIGS, build_minilora_model
 
     cfg = CONFIGS[config]
-    backend.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**_model_kwargs(cfg)))
-    if lora:
-        model = get_peft_model(model, LoraConfig(**LORA))
+    model = build_minilora_model(cfg, "lora" if lora else "full")
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(cfg["batch"] // 2, cfg["seq"]))
     return model, ids
 

@@ -19,29 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import CpuSteal, blas_info, limit_threads  # noqa: E402
+from common import CpuSteal, blas_info, limit_threads, median_time  # noqa: E402
 
 CONFIGS = {   # (hidden, intermediate, tokens per micro-batch) of bench_train_step.py's configs
     "tiny": (128, 344, 8 * 128),
     "small": (384, 1024, 8 * 256),
 }
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    for _ in range(3):   # warm-up: the libraries' first calls set up buffers and thread pools
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -72,8 +59,8 @@ def main(argv=None) -> int:
             for what, fn_np, fn_t in (("y = x W^T", lambda: x @ w.T, lambda: tx @ tw.t()),
                                       ("dx = g W", lambda: g @ w, lambda: tg @ tw),
                                       ("dW = g^T x", lambda: g.T @ x, lambda: tg.t() @ tx)):
-                t_np = _median_seconds(fn_np, args.repeats)
-                t_torch = _median_seconds(fn_t, args.repeats)
+                t_np = median_time(fn_np, steps=args.repeats, warmup=3)
+                t_torch = median_time(fn_t, steps=args.repeats, warmup=3)
                 print(f"  {name:13s} {what:11s} (N={n}, in={d_in}, out={d_out}): "
                       f"NumPy {flops / t_np / 1e9:6.1f} GFLOP/s, torch {flops / t_torch / 1e9:6.1f} "
                       f"GFLOP/s, time ratio {t_np / t_torch:.2f}")

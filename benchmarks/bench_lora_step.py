@@ -61,16 +61,12 @@ def _model_kwargs(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------ building one variant
-def _minilora_step_fn(cfg: dict, kind: str):
-    """(step function, trainable count, total count) for a minilora model: kind "full" (full FT),
-    "lora", or "floor" (only the first layer's input norm trained: no weight gradients at all)."""
-    import numpy as np
-
+def build_minilora_model(cfg: dict, kind: str):
+    """The seeded minilora model of a config: kind "full" (everything trained), "lora", or "floor"
+    (only the first layer's input norm trained: no weight gradients at all)."""
     from minilora import backend
-    from minilora.data_parallel import forward_backward
     from minilora.lora import LoraConfig, get_peft_model
     from minilora.models import LlamaConfig, LlamaForCausalLM
-    from minilora.optim import AdamW
 
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_model_kwargs(cfg)))
@@ -79,6 +75,17 @@ def _minilora_step_fn(cfg: dict, kind: str):
     elif kind == "floor":
         model.requires_grad_(False)
         model.model.layers[0].input_layernorm.weight.requires_grad = True
+    return model
+
+
+def _minilora_step_fn(cfg: dict, kind: str):
+    """(step function, trainable count, total count) for ``build_minilora_model(cfg, kind)``."""
+    import numpy as np
+
+    from minilora.data_parallel import forward_backward
+    from minilora.optim import AdamW
+
+    model = build_minilora_model(cfg, kind)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW(params, lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(cfg["batch"], cfg["seq"]))

@@ -48,7 +48,7 @@ def _micro_batch(model, ids) -> None:
     """Forward and backward of one micro-batch on this thread, as data_parallel runs it."""
     import numpy as np
 
-    from minilora import parallel
+    from minilora.fast import parallel
     from minilora.data_parallel import model_loss
     with parallel.single_threaded():
         model_loss(model, ids, ids).backward(grad=np.float32(0.5))
@@ -86,7 +86,7 @@ def time_processes(config: str, lora: bool, steps: int) -> list:
 def time_threads(config: str, lora: bool, steps: int) -> dict:
     """Medians of: one micro-batch alone, and two at once in data_parallel's threads (with each
     thread's wall and CPU time), alternating so that drift in the machine's load hits both."""
-    from minilora import parallel
+    from minilora.fast import parallel
     from minilora.data_parallel import replicate
 
     limit_threads(2, torch=False)

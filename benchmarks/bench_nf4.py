@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CpuSteal, limit_threads  # noqa: E402
-from minilora import backend, parallel  # noqa: E402
+from minilora import backend  # noqa: E402
+from minilora.fast import parallel  # noqa: E402
 from minilora.quant import quantize_nf4  # noqa: E402
 
 

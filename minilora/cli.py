@@ -13,12 +13,12 @@ from . import __version__
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("minilora.demo", "the whole story on the shipped defaults: LoRA fine-tune, merge, save"),
-    "pretrain": ("minilora.pretrain", "pretrain the small base model that the package ships"),
-    "finetune": ("minilora.finetune", "LoRA fine-tune the base model on instruction data"),
-    "merge": ("minilora.merge_cli", "merge an adapter into a base checkpoint, save a standalone model"),
+    "demo": ("minilora.commands.demo", "the whole story on the shipped defaults: LoRA fine-tune, merge, save"),
+    "pretrain": ("minilora.commands.pretrain", "pretrain the small base model that the package ships"),
+    "finetune": ("minilora.commands.finetune", "LoRA fine-tune the base model on instruction data"),
+    "merge": ("minilora.commands.merge", "merge an adapter into a base checkpoint, save a standalone model"),
     "quantize": ("minilora.quant.report", "quantize a checkpoint to NF4 and report size and error"),
-    "check-article": ("minilora.article", "recompute every number in the LoRA article"),
+    "check-article": ("minilora.teaching.article", "recompute every number in the LoRA article"),
 }
 
 

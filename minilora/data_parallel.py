@@ -14,7 +14,7 @@ Distributed: Experiences on Accelerating Data Parallel Training"), shrunk to one
 3. The replicas' gradients are added into the model's in micro-batch order, so a seed gives the
    same bits on every run (for a given thread count).
 
-Why: NumPy runs each op on one core. ``minilora.parallel`` splits the big ops across threads, but
+Why: NumPy runs each op on one core. ``minilora.fast.parallel`` splits the big ops across threads, but
 that is a hand-off per op, hundreds per training step, and the small ops stay on one core. Whole
 micro-batches hand off once per step. Inside each one, BLAS and minilora's kernels stay on one
 thread (``parallel.single_threaded``); NumPy releases the GIL inside its ufuncs and matmuls, so
@@ -35,7 +35,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import backend, parallel
+from . import backend
+from .fast import parallel
 from .nn import Module, Parameter
 from .tensor import Tensor, is_grad_enabled
 

@@ -18,9 +18,9 @@ import math
 import numpy as np
 
 from . import backend
-from . import cuda_kernels
+from .fast import cuda_kernels
 from . import ops
-from . import parallel
+from .fast import parallel
 from .ops import as_tensor, concatenate, embedding, erf, sigmoid, where  # noqa: F401  (re-exported)
 from .tensor import Tensor
 
@@ -184,7 +184,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     With r = 1/sqrt(mean(x^2)+eps), xhat = x r, y = xhat * w:
     dL/dw = sum_rows(g * xhat);  dL/dx = r * (gw - xhat * mean(gw * xhat)),  gw = g * w.
     Row dot products use einsum (multiply and sum in one pass, no temporary); on the CPU the rows
-    are split across threads (``minilora.parallel``).
+    are split across threads (``minilora.fast.parallel``).
     """
     if _cuda_rows(x.data) and (weight is None or (_cuda_rows(weight.data)
                                                    and weight.shape == x.shape[-1:])):
@@ -406,7 +406,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     With s = sigmoid(gate) and a = silu(gate) = gate * s:  out = a * up;
     d/dup = a;   d/dgate = up * (s + a (1 - s))   (the derivative of silu).
     The composite ``silu(gate) * up`` stores five full-size intermediates; this stores s and a.
-    On the CPU the rows are split across threads (``minilora.parallel``).
+    On the CPU the rows are split across threads (``minilora.fast.parallel``).
     """
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {gate.shape} and up {up.shape} must have the same shape")
@@ -610,7 +610,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
       head-major views of its projections, and the batched matmuls run measurably faster on
       contiguous operands (about 7% of the op, forward plus backward, at the tiny config's shapes),
       for one extra copy of k and v per layer held until backward;
-    * on the CPU, batch chunks run in parallel threads (``minilora.parallel``), each with
+    * on the CPU, batch chunks run in parallel threads (``minilora.fast.parallel``), each with
       single-threaded BLAS: many small matmuls parallelise better across chunks than inside BLAS.
     """
     xpmod = backend.get_xp(q.data)

@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 
-from . import backend, parallel
+from . import backend
+from .fast import parallel
 from .tensor import Tensor, no_grad
 
 

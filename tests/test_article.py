@@ -1,4 +1,4 @@
-"""minilora.article (``minilora check-article``): every claim is computed by minilora's functions, the
+"""minilora.teaching.article (``minilora check-article``): every claim is computed by minilora's functions, the
 verdicts follow from the computed values, drift is detected, and the table, the markdown and the
 committed docs/article-check.md agree."""
 import argparse
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minilora import article, memory, quant
+from minilora import memory, quant
+from minilora.teaching import article
 from minilora.lora import merge
 
 REPO = Path(__file__).resolve().parent.parent

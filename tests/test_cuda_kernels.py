@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minilora import Tensor, backend
-from minilora import cuda_kernels as ck
+from minilora.fast import cuda_kernels as ck
 from minilora import functional as F
 
 U = 2.0 ** -24

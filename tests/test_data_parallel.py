@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import backend, parallel
+from minilora import backend
+from minilora.fast import parallel
 from minilora import data_parallel as DP
 from minilora.lora import LoraConfig, get_peft_model
 from minilora.models import LlamaConfig, LlamaForCausalLM

@@ -2,7 +2,7 @@
 hint, survives stubs and crashing code, and prints verdicts a learner can read.
 
 Every task has its own marker (``pytest -m task_lora_forward``), as in minitorch. By default the
-answers checked are ``minilora.exercises.solutions``; point ``MINILORA_EXERCISES_FROM`` at a learner's
+answers checked are ``minilora.teaching.exercises.solutions``; point ``MINILORA_EXERCISES_FROM`` at a learner's
 Python file (functions named after the tasks) to grade that file instead:
 
     MINILORA_EXERCISES_FROM=alice.py pytest tests/test_exercises.py -m "task_lora_forward"
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from minilora import Tensor, backend
-from minilora.exercises import (CheckResult, ExerciseFailed, check, check_all, get_task, list_tasks,
+from minilora.teaching.exercises import (CheckResult, ExerciseFailed, check, check_all, get_task, list_tasks,
                                 task_names)
-from minilora.exercises import checker
-from minilora.exercises import solutions as model_answers
+from minilora.teaching.exercises import checker
+from minilora.teaching.exercises import solutions as model_answers
 
 pytestmark = [pytest.mark.exercise,
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # wrong answers may divide by 0

@@ -12,7 +12,7 @@ import pytest
 from minilora import backend
 from minilora.cli import main as cli_main
 from minilora.data import ByteTokenizer, make_instruction_dataset, save_alpaca_json
-from minilora.finetune import exact_match_accuracy, per_family_accuracy, generate_answers, lora_finetune
+from minilora.commands.finetune import exact_match_accuracy, per_family_accuracy, generate_answers, lora_finetune
 from minilora.lora import LoraConfig, PeftModel
 from minilora.models import BASE_MODEL_DIR, LlamaConfig, LlamaForCausalLM, load_base_model
 
@@ -110,7 +110,7 @@ def test_shipped_base_copies_from_its_context():
 
     Measured: 87 of 128 spans (68%; the docstrings-only base before it: 0). Asserted: half.
     """
-    from minilora.pretrain import copy_accuracy
+    from minilora.commands.pretrain import copy_accuracy
     if not (BASE_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the shipped base model is not built yet (minilora pretrain)")
     assert copy_accuracy(load_base_model(), ByteTokenizer()) >= 0.5

@@ -3,13 +3,14 @@
 Each fused op (linear, rms_norm, rotary_embedding, swiglu, scaled_dot_product_attention) has a
 hand-written backward; its composite twin is built from primitives whose gradients are tested
 elsewhere. Here: equality of outputs and gradients in float64 (to ~1e-12), a central-difference
-gradcheck of the fused op, and the multi-threaded CPU path (``minilora.parallel``) giving results
+gradcheck of the fused op, and the multi-threaded CPU path (``minilora.fast.parallel``) giving results
 bit-identical to the single-threaded one.
 """
 import numpy as np
 import pytest
 
-from minilora import Tensor, backend, parallel
+from minilora import Tensor, backend
+from minilora.fast import parallel
 from minilora import functional as F
 from minilora.testing import gradcheck
 

@@ -526,7 +526,7 @@ def test_qlora_finetune_reaches_the_lora_finetune():
     held-out loss within 0.3 of LoRA's, its accuracy no more than 10 points (4 of 40 answers) below.
     """
     from minilora.data import ByteTokenizer, collate, make_instruction_dataset
-    from minilora.finetune import exact_match_accuracy, lora_finetune
+    from minilora.commands.finetune import exact_match_accuracy, lora_finetune
     from minilora.models import BASE_MODEL_DIR, load_base_model
     from minilora.train import evaluate
     if not (BASE_MODEL_DIR / "model.safetensors").is_file():

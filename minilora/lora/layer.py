@@ -35,7 +35,7 @@ from .. import backend
 from .. import functional as F
 from ..nn import Linear, Module, Parameter, init_normal
 from ..ops import as_tensor
-from ..parallel import blas_single_thread, matmul  # matmul: rows split across CPU threads
+from ..fast.parallel import blas_single_thread, matmul  # matmul: rows split across CPU threads
 from ..tensor import Tensor, is_grad_enabled
 from . import merge as merge_math
 

@@ -53,7 +53,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import backend, parallel
+from .. import backend
+from ..fast import parallel
 from ..nn import Linear, Module, Parameter
 from ..ops import as_tensor
 from ..tensor import Tensor

@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, parallel
+from .. import backend
+from ..fast import parallel
 from .codebooks import FP4_CODE, INT4_CODE, NF4_CODE
 from .double_quant import NESTED_BLOCKSIZE, DoubleQuantState, double_quantize
 
@@ -373,7 +374,7 @@ class NF4Tensor(QuantizedTensor4bit):
 def _dequantize_numpy(packed, absmax, pairs, blocksize: int, n: int, out):
     """NumPy dequantization into ``out`` (n,): one 8-byte gather per packed byte (the two float32
     codes of that byte, from the 256-entry ``pairs`` table), then a per-block multiply. Cache-sized
-    tiles of whole blocks, shared among CPU threads (``minilora.parallel``; NumPy releases the GIL
+    tiles of whole blocks, shared among CPU threads (``minilora.fast.parallel``; NumPy releases the GIL
     in both calls, and every tile is independent, so the result is the same bits on any count)."""
     n_full, rem = divmod(n, blocksize)
     half = blocksize // 2                                 # bytes per block

@@ -42,13 +42,14 @@ Conventions (PEFT's and the LoRA paper's): a weight is (out, in); `lora_A` is (r
 import numpy as np
 
 import minilora
-from minilora import Tensor, article, memory, nn
+from minilora import Tensor, memory, nn
+from minilora.teaching import article
 from minilora.lora import LoraLinear, merge
 
 minilora.manual_seed(0)
 np.set_printoptions(precision=4, suppress=True)
 
-W0 = np.asarray(article.EX_W0)    # the article's numbers, copied once into minilora.article
+W0 = np.asarray(article.EX_W0)    # the article's numbers, copied once into minilora.teaching.article
 x = np.asarray(article.EX_X)
 A_printed = np.asarray(article.EX_A)  # "shape (4 × 2)"
 B_printed = np.asarray(article.EX_B)  # "shape (2 × 4)"
@@ -191,7 +192,7 @@ every reading is `docs/article-check.md`."""),
 print(article.format_table(all_claims))
 counts = {v: sum(c.verdict == v for c in all_claims) for v in article.VERDICTS}
 print("\n" + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" ({len(all_claims)} claims)")
-print("drift from what minilora.article expects:", article.run_checks(all_claims) or "none")"""),
+print("drift from what minilora.teaching.article expects:", article.run_checks(all_claims) or "none")"""),
     md(r"""The claims that do not hold, with the reason minilora gives:"""),
     code(r"""for c in all_claims:
     if c.verdict != "holds" and not c.id.startswith("ex-"):

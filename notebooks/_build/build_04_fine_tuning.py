@@ -41,7 +41,7 @@ instructions whose words and names never appear in training, the **trainable par
 **step time** and the **memory** of a training step, and **forgetting**: how much worse each
 fine-tuned model gets at the text it was pretrained on.
 
-Everything runs on the CPU with the library's own recipe (`minilora.finetune.lora_finetune`, the
+Everything runs on the CPU with the library's own recipe (`minilora.commands.finetune.lora_finetune`, the
 function behind `minilora demo`); the full fine-tune uses the same loop (`minilora.train.train`),
 optimizer, schedule and batches."""),
     code(r"""import os
@@ -59,7 +59,7 @@ import minilora
 from minilora import memory
 from minilora.data import (ByteTokenizer, collate, iterate_batches, make_instruction_dataset,
                            pretraining_data, random_batches)
-from minilora.finetune import DEFAULT_TARGETS, exact_match_accuracy, lora_finetune, per_family_accuracy
+from minilora.commands.finetune import DEFAULT_TARGETS, exact_match_accuracy, lora_finetune, per_family_accuracy
 from minilora.lora import LoraConfig, get_peft_model
 from minilora.models import load_base_model
 from minilora.optim import AdamW, LambdaLR, WarmupCosine

@@ -57,7 +57,7 @@ import numpy as np
 import minilora
 from minilora import memory
 from minilora.data import ByteTokenizer, collate, iterate_batches, make_instruction_dataset
-from minilora.finetune import lora_finetune
+from minilora.commands.finetune import lora_finetune
 from minilora.lora import LoraConfig
 from minilora.models import load_base_model
 from minilora.optim import AdamW, LambdaLR, WarmupCosine

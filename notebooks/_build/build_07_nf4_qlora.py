@@ -57,7 +57,7 @@ import numpy as np
 import minilora
 from minilora import memory, quant
 from minilora.data import ByteTokenizer, collate, make_instruction_dataset, pretraining_data, random_batches
-from minilora.finetune import DEFAULT_TARGETS, exact_match_accuracy, lora_finetune
+from minilora.commands.finetune import DEFAULT_TARGETS, exact_match_accuracy, lora_finetune
 from minilora.lora import LoraConfig, get_peft_model
 from minilora.models import load_base_model
 from minilora.quant import codebooks

@@ -418,7 +418,7 @@ print(f"{n:,} values: {stored / 2**20:.0f} MiB of memory traffic for one fused p
     md(r"""## 6. Two CPU cores, one batch: data parallelism
 
 A GPU runs each op on thousands of cores. NumPy runs each op on *one* CPU core, so minilora's fused
-ops split their rows over a small pool of threads (`minilora.parallel`). That costs a hand-off per
+ops split their rows over a small pool of threads (`minilora.fast.parallel`). That costs a hand-off per
 op, hundreds per training step. The training loop (`minilora.train`) splits the *batch* instead, as
 PyTorch's DistributedDataParallel does across GPUs (`minilora.data_parallel.forward_backward`):
 
@@ -433,7 +433,8 @@ PyTorch's DistributedDataParallel does across GPUs (`minilora.data_parallel.forw
 NumPy releases Python's GIL inside every ufunc and matmul, so the two threads really compute at
 once. Below, the same batch both ways: the gradients agree to float32 rounding (the sums run in a
 different order), and the split step is timed against the plain one."""),
-    code(r"""from minilora import data_parallel, parallel
+    code(r"""from minilora import data_parallel
+from minilora.fast import parallel
 
 dp_model = LlamaForCausalLM(CONFIG)
 dp_ids = host.integers(0, 256, size=(16, 64))                             # (B, T): 1,024 tokens

@@ -26,7 +26,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from minilora.exercises import solutions, task_names  # noqa: E402
+from minilora.teaching.exercises import solutions, task_names  # noqa: E402
 
 OUT_DIR = ROOT / "notebooks" / "exercises"
 
@@ -51,7 +51,7 @@ How to work:
 SETUP = """\
 import numpy as np
 
-from minilora.exercises import check, check_all, list_tasks
+from minilora.teaching.exercises import check, check_all, list_tasks
 from minilora.memory import count_parameters   # task 11: the base model's parameter counts
 from minilora.models.config import PRESETS     # published Llama shapes, e.g. PRESETS["llama-7b"]
 from minilora.quant import DYNAMIC_MAP, NF4_CODE  # tasks 8 and 10: the code books

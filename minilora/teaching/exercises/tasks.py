@@ -23,17 +23,17 @@ import contextlib
 
 import numpy as np
 
-from .. import backend
-from .. import functional as F
-from ..lora import merge as lora_merge
-from ..lora.layer import LoraLinear
-from ..memory import LINEAR_MODULES, count_parameters, linear_shapes, lora_parameters, memory_breakdown
-from ..models.config import PRESETS, LlamaConfig
-from ..nn import Linear
-from ..quant import (DYNAMIC_MAP, NF4_CODE, double_quantize, nf4_bits_per_parameter, pack_4bit,
+from ... import backend
+from ... import functional as F
+from ...lora import merge as lora_merge
+from ...lora.layer import LoraLinear
+from ...memory import LINEAR_MODULES, count_parameters, linear_shapes, lora_parameters, memory_breakdown
+from ...models.config import PRESETS, LlamaConfig
+from ...nn import Linear
+from ...quant import (DYNAMIC_MAP, NF4_CODE, double_quantize, nf4_bits_per_parameter, pack_4bit,
                      quantize_nf4)
-from ..quant.double_quant import NESTED_BLOCKSIZE
-from ..tensor import Tensor
+from ...quant.double_quant import NESTED_BLOCKSIZE
+from ...tensor import Tensor
 from .checker import Case, Mistake, Task, compare, register
 
 ALPHAS = (1, 2, 3, 4, 8, 16, 32, 0.5)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -39,7 +39,7 @@ def generate_answers(model, examples, tokenizer, max_new_tokens: int | None = No
     group is decoded in batches of ``batch_size``. ``max_new_tokens`` defaults to the longest
     reference output plus a few bytes of slack.
     """
-    from .data import encode_prompt
+    from ..data import encode_prompt
     if not examples:
         return []
     if max_new_tokens is None:
@@ -64,7 +64,7 @@ def generate_answers(model, examples, tokenizer, max_new_tokens: int | None = No
 
 def exact_match_accuracy(model, examples, tokenizer, **kw) -> tuple[float, list[str]]:
     """(fraction of examples answered exactly right, the answers), with ``data.exact_match``."""
-    from .data import exact_match
+    from ..data import exact_match
     answers = generate_answers(model, examples, tokenizer, **kw)
     if not examples:
         return float("nan"), answers
@@ -74,7 +74,7 @@ def exact_match_accuracy(model, examples, tokenizer, **kw) -> tuple[float, list[
 
 def per_family_accuracy(examples, answers) -> dict:
     """{task family: accuracy} for the generated dataset (records from elsewhere count as "other")."""
-    from .data import exact_match, task_family
+    from ..data import exact_match, task_family
     hits: dict = {}
     for ex, a in zip(examples, answers):
         fam = task_family(ex) or "other"
@@ -95,10 +95,10 @@ def lora_finetune(model, config, train_examples, tokenizer, steps: int = 300, lr
     1.0 (``train.train``). ``eval_examples`` adds a held-out loss to the history every
     ``eval_every`` steps.
     """
-    from .data import collate, iterate_batches
-    from .lora import PeftModel, get_peft_model
-    from .optim import AdamW, LambdaLR, WarmupCosine
-    from .train import evaluate, train
+    from ..data import collate, iterate_batches
+    from ..lora import PeftModel, get_peft_model
+    from ..optim import AdamW, LambdaLR, WarmupCosine
+    from ..train import evaluate, train
 
     if not train_examples:
         raise ValueError("no training examples; pass a non-empty list of Alpaca records")
@@ -133,9 +133,9 @@ def merge_adapter_into_base(adapter_dir, out_dir, base_dir=None, safe_merge: boo
 
     Returns (merged model, max |logits merged - logits with the adapter| on a probe batch).
     """
-    from .lora import PeftModel
-    from .lora.io import read_adapter_dir
-    from .models import LlamaForCausalLM, load_base_model
+    from ..lora import PeftModel
+    from ..lora.io import read_adapter_dir
+    from ..models import LlamaForCausalLM, load_base_model
 
     read_adapter_dir(adapter_dir)  # a missing or broken adapter fails before the base is loaded
     base = LlamaForCausalLM.from_pretrained(base_dir) if base_dir else load_base_model()
@@ -177,10 +177,10 @@ def _targets(spec: str):
 
 
 def run(args) -> int:
-    from .data import ByteTokenizer, load_alpaca_json, make_instruction_dataset
-    from .lora import LoraConfig
-    from .lora.io import adapter_size_bytes
-    from .models import LlamaForCausalLM, load_base_model
+    from ..data import ByteTokenizer, load_alpaca_json, make_instruction_dataset
+    from ..lora import LoraConfig
+    from ..lora.io import adapter_size_bytes
+    from ..models import LlamaForCausalLM, load_base_model
 
     if args.device:
         backend.set_device(args.device)

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 __all__ = ["MAX_THREADS", "SOURCES", "block_threads", "kernel",
            "softmax_forward_cuda", "softmax_backward_cuda",

@@ -1,6 +1,6 @@
 """Classroom exercises with an autograder: write a function, check it in one line.
 
-    >>> from minilora.exercises import check, list_tasks
+    >>> from minilora.teaching.exercises import check, list_tasks
     >>> list_tasks()                          # the eleven tasks, one line each
     >>> def lora_forward(x, W0, A, B, alpha, r):
     ...     return x @ W0.T + alpha / r * (x @ A.T) @ B.T

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pick_examples(test, n: int) -> list:
     """Up to n held-out examples, one per task family first, for a varied showcase."""
-    from .data import task_family
+    from ..data import task_family
     seen, picked = set(), []
     for ex in test:
         fam = task_family(ex)
@@ -87,7 +87,7 @@ def save_loss_plot(history, path) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install minilora[notebooks]); skipping the loss plot")
         return False
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
     steps = [h["step"] for h in history]
     losses = np.array([h["loss"] for h in history])
     k = max(1, len(losses) // 30)
@@ -110,11 +110,11 @@ def save_loss_plot(history, path) -> bool:
 
 
 def run(args) -> int:
-    from .data import ByteTokenizer, encode_prompt, make_instruction_dataset
+    from ..data import ByteTokenizer, encode_prompt, make_instruction_dataset
     from .finetune import _targets, exact_match_accuracy, lora_finetune, per_family_accuracy
-    from .lora import LoraConfig, LoraLinear
-    from .lora.io import adapter_size_bytes
-    from .models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
+    from ..lora import LoraConfig, LoraLinear
+    from ..lora.io import adapter_size_bytes
+    from ..models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
 
     t_start = time.perf_counter()
     if args.device:

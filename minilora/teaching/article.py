@@ -881,7 +881,7 @@ def run(args) -> int:
     if drift:
         import sys
         sys.stdout.flush()
-        print(f"{len(drift)} claim(s) drifted from what minilora.article expects:", file=sys.stderr)
+        print(f"{len(drift)} claim(s) drifted from what minilora.teaching.article expects:", file=sys.stderr)
         for d in drift:
             print(f"  {d}", file=sys.stderr)
         return 1

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "base-model"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 SAMPLE_PROMPT = "The "
 SAMPLE_TOKENS = 200
 COPY_TEST_SPANS = 128
@@ -86,7 +86,7 @@ def copy_accuracy(model, tokenizer, n: int = COPY_TEST_SPANS, seed: int = 1234) 
     ``SEPARATORS`` ("mib qzvk | "); greedy decoding must continue with the span itself. A direct test
     of induction heads (Olsson et al., 2022): a model that cannot copy from its context scores ~0.
     """
-    from .data.pretraining import SEPARATORS, pseudo_words
+    from ..data.pretraining import SEPARATORS, pseudo_words
     rng = np.random.default_rng(seed)  # its own seed: not the training drills
     words = pseudo_words(4 * n, rng).reshape(n, 4).tolist()
     spans = [" ".join(w[:k]) for w, k in zip(words, rng.integers(1, 5, size=n).tolist())]
@@ -156,7 +156,7 @@ it knows nothing else.{drill_para}
 | time | {seconds / 60:.1f} minutes on {platform.machine()} ({backend.get_device()}) |
 | final train loss | {train_loss:.4f} nats/byte (mean of the last {len(last)} steps) |
 | final validation loss | {val_loss:.4f} nats/byte ({val_loss / np.log(2):.3f} bits/byte) |
-| copy test | {copy_score:.1%} of {COPY_TEST_SPANS} made-up spans continued exactly after one sight (`minilora.pretrain.copy_accuracy`, greedy; ~0% for a model that cannot copy) |
+| copy test | {copy_score:.1%} of {COPY_TEST_SPANS} made-up spans continued exactly after one sight (`minilora.commands.pretrain.copy_accuracy`, greedy; ~0% for a model that cannot copy) |
 
 Validation loss during training:
 
@@ -203,10 +203,10 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .data import ByteTokenizer, pretraining_data, random_batches
-    from .models import LlamaConfig, LlamaForCausalLM
-    from .optim import AdamW, LambdaLR, WarmupCosine
-    from .train import evaluate, train
+    from ..data import ByteTokenizer, pretraining_data, random_batches
+    from ..models import LlamaConfig, LlamaForCausalLM
+    from ..optim import AdamW, LambdaLR, WarmupCosine
+    from ..train import evaluate, train
 
     if args.device:
         backend.set_device(args.device)
@@ -264,7 +264,7 @@ def _run(args) -> int:
 
     out_dir = Path(args.out)
     model.save_pretrained(out_dir, dtype=np.float16 if args.dtype == "float16" else np.float32)
-    from .fileio import write_text_atomic
+    from ..fileio import write_text_atomic
     write_text_atomic(out_dir / "README.md", _readme(args, config, n_params, history, val_loss,
                                                      sample, sampled, seconds, len(train_ids),
                                                      len(val_ids), copy_score))

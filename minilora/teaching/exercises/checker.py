@@ -1,4 +1,4 @@
-"""The autograder behind ``minilora.exercises.check``: run a learner's function on many cases, compare
+"""The autograder behind ``minilora.teaching.exercises.check``: run a learner's function on many cases, compare
 it with the library, and explain a failure in words.
 
 A *task* (see ``tasks.py``) is a small function to write, such as ``lora_forward(x, W0, A, B,
@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import backend
+from ... import backend
 
 __all__ = ["Case", "Mistake", "Task", "CheckResult", "ExerciseFailed", "register", "get_task",
            "task_names", "check", "check_all", "list_tasks", "draw_cases"]

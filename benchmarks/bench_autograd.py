@@ -67,8 +67,9 @@ def _stepper(lib: dict, w: dict, ids, L: int, H: int, mask):
 
 
 def minilora_step(w_np: dict, ids, L, H):
-    from minilora import Tensor
+    from minilora import Tensor, backend
     from minilora import functional as F
+    backend.keep_freed_host_memory()   # as the CLI and train() do (not on import): malloc keeps a step's freed buffers
     w = {k: Tensor(v.copy(), requires_grad=True) for k, v in w_np.items()}
     T = ids.shape[1]
     mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)

@@ -68,6 +68,7 @@ def build_minilora_model(cfg: dict, kind: str):
     from minilora.lora import LoraConfig, get_peft_model
     from minilora.models import LlamaConfig, LlamaForCausalLM
 
+    backend.keep_freed_host_memory()   # as the CLI and train() do (not on import): malloc keeps a step's freed buffers
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_model_kwargs(cfg)))
     if kind == "lora":

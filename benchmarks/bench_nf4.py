@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
     args = parser.parse_args(argv)
     limit_threads(args.threads)
+    backend.keep_freed_host_memory()   # as the CLI and train() do (not on import): freed buffers reused
 
     backend.manual_seed(0)
     w = backend.rng().standard_normal((args.size, args.size), dtype=np.float32)

@@ -48,6 +48,7 @@ def build(cfg: dict, qlora: bool):
     from minilora.optim import AdamW
     from minilora.quant import quantize_model
 
+    backend.keep_freed_host_memory()   # as the CLI and train() do (not on import): malloc keeps a step's freed buffers
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, max_position_embeddings=SEQ, **cfg))
     if qlora:

@@ -64,6 +64,7 @@ def minilora_step(cfg: dict):
     from minilora.models import LlamaConfig, LlamaForCausalLM
     from minilora.optim import AdamW
 
+    backend.keep_freed_host_memory()   # as the CLI and train() do (not on import): malloc keeps a step's freed buffers
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**model_kwargs(cfg)))
     opt = AdamW(model.parameters(), lr=1e-4)

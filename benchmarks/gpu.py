@@ -9,7 +9,7 @@ What it does, in order:
 
 1. ``MINILORA_TEST_DEVICE=cuda pytest tests``: the whole suite with CUDA as the default device, plus
    the GPU-only tests (``-m cuda``). Their summaries go to ``tests.log``.
-2. For each config (tiny, small, medium: issue 8's sizes) and each method (full fine-tuning, LoRA r=8
+2. For each config (tiny, small, medium) and each method (full fine-tuning, LoRA r=8
    on q,k,v,o, QLoRA = the same LoRA on an NF4 base with double quantization), one training step
    (forward, loss, backward, AdamW update) of minilora on CuPy and of transformers + PEFT on PyTorch
    CUDA, same config and batch, float32, TF32 off on both, interleaved step by step; medians.
@@ -17,10 +17,11 @@ What it does, in order:
    emptied pool) and ``torch.cuda.max_memory_allocated``, next to ``minilora.memory``'s prediction of
    weights + gradients + optimizer state (activations are not predicted, so measured > predicted).
 4. QLoRA's frozen Linear weights: bits per parameter measured from the stored arrays on the device.
-5. minilora's own CUDA kernels (``minilora/cuda_kernels.py``: softmax, log_softmax, cross_entropy,
-   rms_norm) alone, forward + backward at the medium config's sizes, against the same op written with
-   generic CuPy array calls (``functional.USE_CUDA_KERNELS = False``) and against its composite of
-   primitive Tensor ops; medians of interleaved repeats. Skipped on the CPU.
+5. minilora's own CUDA kernels (``minilora/fast/cuda_kernels.py``: softmax, log_softmax,
+   cross_entropy, rms_norm) alone, forward + backward at the medium config's sizes, against the same
+   op written with generic CuPy array calls (``settings.USE_CUDA_KERNELS = False``) and against its
+   reference composite of primitive Tensor ops (``minilora.reference()``); medians of interleaved
+   repeats. Skipped on the CPU.
 
 Everything is printed and written to ``--out`` as ``gpu.json`` and ``gpu.md``.
 """
@@ -39,7 +40,7 @@ from bench_train_step import CONFIGS as CPU_CONFIGS  # noqa: E402  (tiny, small)
 from bench_train_step import model_kwargs  # noqa: E402
 from common import interleaved_medians  # noqa: E402
 
-# issue 8's sizes: the CPU benchmark's tiny and small, plus a medium one that fills a GPU better
+# the CPU benchmark's tiny and small, plus a medium one that fills a GPU better
 CONFIGS = dict(CPU_CONFIGS, medium=dict(vocab_size=2048, hidden_size=1024, num_hidden_layers=8,
                                         num_attention_heads=16, intermediate_size=2816, seq=512,
                                         batch=16))
@@ -188,21 +189,16 @@ KERNEL_CASES = (("softmax", (32768, 512)), ("log_softmax", (32768, 512)),
 
 
 def _composite(op: str, x, w, targets):
-    """The op from primitive Tensor ops: every step a graph node and a full-size array."""
-    from minilora import Tensor, backend
-    if op == "rms_norm":
-        return x / ((x * x).mean(axis=-1, keepdims=True) + 1e-6).sqrt() * w
-    z = x - x.max(axis=-1, keepdims=True).detach()
-    if op == "softmax":
-        e = z.exp()
-        return e / e.sum(axis=-1, keepdims=True)
-    logp = z - z.exp().sum(axis=-1, keepdims=True).log()
-    if op == "log_softmax":
-        return logp
-    xp = backend.get_xp(x.data)
-    onehot = xp.zeros(x.shape, dtype=x.data.dtype)
-    onehot[xp.arange(x.shape[0]), targets] = 1.0
-    return -(logp * Tensor(onehot)).sum() / x.shape[0]
+    """The op's reference composite (``functional.py`` in ``minilora.reference()``): every step a
+    graph node and a full-size array."""
+    import minilora
+    from minilora import functional as F
+    with minilora.reference():
+        if op == "rms_norm":
+            return F.rms_norm(x, w, 1e-6)
+        if op == "cross_entropy":
+            return F.cross_entropy(x, targets)
+        return getattr(F, op)(x)
 
 
 def bench_kernels(device: str, steps: int, warmup: int, cases=KERNEL_CASES) -> list:
@@ -217,7 +213,7 @@ def time_fused_ops(device: str, steps: int, warmup: int, cases) -> list:
     """The timings of ``bench_kernels`` on any device (on the CPU all three are NumPy code)."""
     import numpy as np
 
-    from minilora import Tensor, backend
+    from minilora import Tensor, backend, settings
     from minilora import functional as F
 
     backend.set_device(device)          # backend.synchronize() waits for the current device
@@ -235,7 +231,7 @@ def time_fused_ops(device: str, steps: int, warmup: int, cases) -> list:
 
             def fused(use_kernels: bool):
                 def step():
-                    F.USE_CUDA_KERNELS = use_kernels
+                    settings.USE_CUDA_KERNELS = use_kernels
                     try:
                         if op == "rms_norm":
                             F.rms_norm(x, w, 1e-6).backward(g)
@@ -244,7 +240,7 @@ def time_fused_ops(device: str, steps: int, warmup: int, cases) -> list:
                         else:
                             getattr(F, op)(x).backward(g)
                     finally:
-                        F.USE_CUDA_KERNELS = True
+                        settings.USE_CUDA_KERNELS = True
                     x.grad = w.grad = None
                     backend.synchronize()
                 return step

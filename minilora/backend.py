@@ -6,7 +6,8 @@ handling: a current device (``set_device`` / ``get_device``, default from ``MINI
 ``to_device`` / ``to_numpy`` to move arrays, and ``manual_seed`` to seed every generator at once.
 
 Also here: the default float dtype (float32; float64 for gradient checks) and the few operations
-whose spelling differs between NumPy and CuPy (scatter-add for embedding gradients).
+whose spelling differs between NumPy and CuPy (scatter-add for embedding gradients), and
+``keep_freed_host_memory()``, the CPU's counterpart of CuPy's memory pool, which a program opts into.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import threading
 from contextlib import contextmanager
 
 import numpy as np
+
+from . import settings
 
 _VALID_DEVICES = ("cpu", "cuda")
 _cupy = None          # the cupy module once imported successfully
@@ -249,30 +252,45 @@ def memory_pool():
 # worker thread (data_parallel's micro-batches run in one) a round of 1-12 MiB buffers then cost
 # 10,800 page faults against 0 with one arena. The shared lock costs far less: NumPy makes a few
 # allocations per op, and a split training step ran 2-7% faster with one arena (5 of 6 A/B pairs).
+# It changes malloc for the whole process (PyTorch in the same process included), so it is never
+# done on import: the CLI, ``train.train`` and the benchmarks call it; library users opt in.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8   # mallopt() parameters (malloc.h)
-HOST_MMAP_THRESHOLD = 256 << 20    # buffers up to 256 MiB come from (and go back to) malloc's heap
-HOST_TRIM_THRESHOLD = 1 << 30      # up to 1 GiB of freed heap is kept for reuse, not returned
+_host_memory_kept: tuple | None = None   # the (mmap, trim) thresholds applied, once applied
 
 
-def keep_freed_host_memory(mmap_threshold: int = HOST_MMAP_THRESHOLD,
-                           trim_threshold: int = HOST_TRIM_THRESHOLD) -> bool:
-    """Make glibc's malloc keep freed buffers for reuse, in every thread (one arena for all; True
-    when it could; False elsewhere: other C libraries or operating systems keep their own defaults).
-    Called once on import unless ``MINILORA_KEEP_FREED_MEMORY=0``; the price is a process that holds
-    on to up to ``trim_threshold`` bytes of freed memory instead of returning it to the system."""
+def host_memory_kept() -> bool:
+    """True once ``keep_freed_host_memory()`` has changed malloc's settings in this process."""
+    return _host_memory_kept is not None
+
+
+def keep_freed_host_memory(mmap_threshold: int | None = None,
+                           trim_threshold: int | None = None) -> bool:
+    """Make glibc's malloc keep freed buffers for reuse, in every thread (one arena for all).
+
+    The thresholds default to ``settings.HOST_MMAP_THRESHOLD`` and ``HOST_TRIM_THRESHOLD``. Returns
+    True when malloc keeps freed memory now; False with ``MINILORA_KEEP_FREED_MEMORY=0`` in the
+    environment (the off switch, for every caller), and elsewhere than glibc on Linux (other C
+    libraries keep their own defaults). A second call with the same thresholds calls nothing. The
+    price is a process that holds on to up to ``trim_threshold`` bytes of freed memory instead of
+    returning it to the system."""
+    global _host_memory_kept
+    if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1").strip() == "0":
+        return False
+    wanted = (int(settings.HOST_MMAP_THRESHOLD if mmap_threshold is None else mmap_threshold),
+              int(settings.HOST_TRIM_THRESHOLD if trim_threshold is None else trim_threshold))
+    if _host_memory_kept == wanted:
+        return True
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))) and \
-        bool(mallopt(_M_ARENA_MAX, 1))
-
-
-if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1").strip() != "0":
-    keep_freed_host_memory()
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, wanted[0])) and bool(mallopt(_M_TRIM_THRESHOLD, wanted[1])) \
+        and bool(mallopt(_M_ARENA_MAX, 1))
+    if ok:
+        _host_memory_kept = wanted
+    return ok
 
 
 # ---------------------------------------------------------------- custom CUDA kernels

@@ -1,7 +1,8 @@
 """The ``minilora`` command: one subcommand per job, each implemented in the module that owns it.
 
-Every subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; this file only
-routes (and imports each module lazily, so ``minilora --help`` is instant).
+Every subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``; this file
+routes (and imports each module lazily, so ``minilora --help`` is instant), and before running a
+command makes malloc keep freed host memory for reuse (``backend.keep_freed_host_memory()``).
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def main(argv=None) -> int:
                                   description=SUBCOMMANDS[args._name][1])
     module.add_arguments(sub)
     sub_args = sub.parse_args(argv[argv.index(args._name) + 1:])
+    from . import backend
+    # every command trains, loads or quantizes: malloc keeps freed buffers for reuse (process-wide,
+    # so a program opts in here, never on import; MINILORA_KEEP_FREED_MEMORY=0 turns it off)
+    backend.keep_freed_host_memory()
     try:
         return int(module.run(sub_args) or 0)
     except (ValueError, OSError, RuntimeError, KeyError) as e:

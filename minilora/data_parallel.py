@@ -1,8 +1,11 @@
-"""Data parallelism on the cores of one CPU: a batch split into micro-batches that run forward and
-backward at the same time, in separate threads, with their gradients summed.
+"""Data parallelism on the cores of one CPU: ``DataParallel(model)`` splits a batch into
+micro-batches that run forward, and later backward, at the same time in separate threads.
 
 This is what PyTorch's DistributedDataParallel does across GPUs (Li et al. 2020, "PyTorch
-Distributed: Experiences on Accelerating Data Parallel Training"), shrunk to one machine:
+Distributed: Experiences on Accelerating Data Parallel Training"), shrunk to one machine, and used
+the same way: wrap the model, call the wrapper as you would call the model, call ``backward()`` on
+its loss. The training loop (``train.train``) opts into it; the step itself still reads
+``loss = model(...).loss; loss.backward()``.
 
 1. ``replicate(model)`` gives each thread a replica of the module tree whose trainable Parameters
    are new leaves *sharing the original arrays* (no weight is copied; frozen parts are not even
@@ -16,37 +19,31 @@ Distributed: Experiences on Accelerating Data Parallel Training"), shrunk to one
 
 Why: NumPy runs each op on one core. ``minilora.fast.parallel`` splits the big ops across threads, but
 that is a hand-off per op, hundreds per training step, and the small ops stay on one core. Whole
-micro-batches hand off once per step. Inside each one, BLAS and minilora's kernels stay on one
-thread (``parallel.single_threaded``); NumPy releases the GIL inside its ufuncs and matmuls, so
-the threads really compute at once (only the Python between the ops takes turns). A micro-batch's
-activations also fit a core's cache better than the whole batch's. The step time is measured in
-``benchmarks/bench_train_step.py`` and ``bench_lora_step.py``.
+micro-batches hand off twice per step (forward, backward). Inside each one, BLAS and minilora's
+kernels stay on one thread (``parallel.single_threaded``); NumPy releases the GIL inside its ufuncs
+and matmuls, so the threads really compute at once (only the Python between the ops takes turns).
+A micro-batch's activations also fit a core's cache better than the whole batch's. The step time is
+measured in ``benchmarks/bench_train_step.py``, ``bench_lora_step.py`` and ``bench_data_parallel.py``
+(docs/benchmarks.md).
 
 Randomness (dropout): each micro-batch draws from its own generator, spawned from
 ``backend.rng()`` (spawning does not advance it), so masks never depend on thread timing.
-Memory: activations are those of the whole batch, as before; a trained parameter's gradient exists
-once per replica until they are summed (LoRA factors: kilobytes; full fine-tuning: one extra copy
-of the gradients per extra thread).
+Memory: activations are those of the whole batch, as without the split; a trained parameter's
+gradient exists once per replica until they are summed (LoRA factors: kilobytes; full fine-tuning:
+one extra copy of the gradients per extra thread).
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend
+from . import backend, settings
 from .fast import parallel
 from .nn import Module, Parameter
 from .tensor import Tensor, is_grad_enabled
-
-
-# Below this many tokens per micro-batch the split does not pay: each thread's Python overhead and
-# fixed costs (a replica, and for a 4-bit base its own dequantization of every weight) outweigh the
-# halved arithmetic. Measured on the shipped base (2 threads, step time split / plain): LoRA 1.02x at
-# 192 tokens per micro-batch, 0.90x at 256, 0.80x at 1024; QLoRA 1.21x at 192, 1.04x at 384,
-# 0.96x at 512, 0.87x at 1024.
-MIN_TOKENS_PER_MICRO_BATCH = 512
 
 
 def replicate(module: Module) -> tuple[Module, dict]:
@@ -107,71 +104,147 @@ def _host_array(x):
     return None if x is None else np.asarray(_data(x))
 
 
+@dataclass
+class DataParallelOutput:
+    """What a split call returns: ``loss``, the full batch's mean loss (a Tensor whose ``backward()``
+    runs the micro-batches' backwards); ``logits`` is None (joining the micro-batches' (b, T, vocab)
+    logits would copy the whole batch's, every step, for a loop that reads only the loss; call the
+    model itself for logits)."""
+    loss: Tensor
+    logits: None = None
+
+
+class DataParallel(Module):
+    """``DataParallel(model)(input_ids, labels=..., attention_mask=...)``: the model's forward, the
+    batch split over CPU threads when that helps; ``.loss.backward()`` then runs the micro-batches'
+    backwards in those threads and adds their gradients into ``model``'s parameters.
+
+    ``module`` is the wrapped model (as in torch's DistributedDataParallel); ``train()``, ``eval()``
+    and ``parameters()`` reach it. A call splits the batch into ``n`` micro-batches, one per thread
+    (n = ``n_threads``, default ``parallel.num_threads()``, at most the batch size), when all of
+    these hold: it reads ``(input_ids, labels=..., attention_mask=...)`` (the mask optional, no other
+    argument: each micro-batch gets its rows of these three only), the ids are a 2-D NumPy batch of
+    two or more rows and the labels are not None, grad is
+    on and the model has a trainable parameter, ``settings.reference_mode()`` is off, n >= 2, and
+    (unless ``n_threads`` is given) each micro-batch holds at least
+    ``settings.MIN_TOKENS_PER_MICRO_BATCH`` tokens, else fewer, fuller micro-batches are used. Labels
+    are shifted inside the model as in transformers, so micro-batch k has
+    ``n_k = (labels[k][:, 1:] != ignore_index).sum()`` targets and its loss is weighted n_k / N; a
+    micro-batch with no target is left out. Otherwise (a GPU, one thread, no grad, too few tokens,
+    reference mode, every target in one micro-batch) the call is exactly ``model(*args, **kwargs)``.
+
+    A split call returns a ``DataParallelOutput``. Its loss's ``backward(grad)`` runs each
+    replica's backward with upstream gradient ``grad * n_k / N``, in the threads, with BLAS and
+    minilora's kernels on one thread each, then adds the replicas' gradients into the model's
+    parameters in micro-batch order. The graph goes with the first backward (no ``retain_graph``).
+    If a module reaches a parameter of the original model instead of its replica's (a layer kept in
+    a plain list), two threads would write one gradient: that backward raises ``RuntimeError``.
+    """
+
+    def __init__(self, module: Module, n_threads: int | None = None, ignore_index: int = -100):
+        super().__init__()
+        self.module = module
+        self.n_threads = n_threads
+        self.ignore_index = ignore_index
+
+    def forward(self, *args, **kwargs):
+        split = self._plan(*args, **kwargs)
+        if split is None:
+            return self.module(*args, **kwargs)
+        return DataParallelOutput(loss=self._split_forward(*split))
+
+    # ------------------------------------------------------------------ when and how to split
+    def _plan(self, *args, **kwargs):
+        """(ids, labels, mask, slices, counts) of a split call, or None for the plain call."""
+        if len(args) != 1 or "labels" not in kwargs or set(kwargs) - {"labels", "attention_mask"}:
+            return None
+        if settings.reference_mode() or not is_grad_enabled():
+            return None
+        input_ids, labels, attention_mask = args[0], kwargs["labels"], kwargs.get("attention_mask")
+        if labels is None or backend.get_xp(_data(input_ids)) is not np:
+            return None
+        ids = _host_array(input_ids)
+        n = parallel.num_threads() if self.n_threads is None else self.n_threads
+        if n < 2 or ids.ndim != 2 or ids.shape[0] < 2:
+            return None
+        if self.n_threads is None and ids.size < n * settings.MIN_TOKENS_PER_MICRO_BATCH:
+            n = ids.size // settings.MIN_TOKENS_PER_MICRO_BATCH     # fewer, fuller micro-batches
+            if n < 2:
+                return None
+        if not any(p.requires_grad for p in self.module.parameters()):
+            return None
+        lab, mask = _host_array(labels), _host_array(attention_mask)
+        if lab.shape != ids.shape:
+            raise ValueError(f"labels have shape {lab.shape} but input_ids {ids.shape}; they must match")
+        slices = micro_batches(ids.shape[0], n)
+        counts = [int((lab[sl, 1:] != self.ignore_index).sum()) for sl in slices]
+        work = [(sl, c) for sl, c in zip(slices, counts) if c > 0]
+        if len(work) < 2:            # no target at all, or every target in one micro-batch
+            return None
+        return ids, lab, mask, [sl for sl, _ in work], [c for _, c in work]
+
+    def _split_forward(self, ids, lab, mask, slices, counts) -> Tensor:
+        """Run the micro-batches' forwards in threads; return the weighted sum of their losses as a
+        graph node whose backward runs theirs."""
+        trained = [p for p in self.module.parameters() if p.requires_grad]
+        replicas = [replicate(self.module) for _ in slices]
+        generators = backend.rng().spawn(len(slices))
+        total = sum(counts)
+        weights = [c / total for c in counts]
+
+        def forward(i):
+            with parallel.single_threaded(), backend.use_rng(generators[i]):
+                sl = slices[i]
+                return model_loss(replicas[i][0], ids[sl], lab[sl], None if mask is None else mask[sl])
+
+        losses = parallel.run_chunks(forward, list(range(len(slices))), blas_one_thread=True)
+        value = sum(loss.item() * w for loss, w in zip(losses, weights))
+        out = Tensor._result(np.asarray(value, dtype=losses[0].data.dtype), tuple(trained),
+                             "data_parallel")
+
+        def backward_one(i):
+            upstream = np.asarray(float(out.grad) * weights[i], dtype=losses[i].data.dtype)
+            with parallel.single_threaded():
+                losses[i].backward(grad=upstream)
+
+        def _backward():
+            before = [p.grad for p in trained]
+            parallel.run_chunks(backward_one, list(range(len(slices))), blas_one_thread=True)
+            for p, old in zip(trained, before):
+                if p.grad is not old:
+                    raise RuntimeError(
+                        "data_parallel: a module reached a parameter of the original model instead "
+                        "of its replica's (a layer kept in a plain list or dict?); register it as a "
+                        "module attribute, or train with data_parallel=False")
+                grads = [g for g in (mapping[id(p)].grad for _, mapping in replicas) if g is not None]
+                if grads:
+                    g = grads[0]                           # the replica's own array: add in place
+                    for other in grads[1:]:
+                        g += other
+                    p._accum(g, fresh=True)
+
+        out._set_backward(_backward)
+        return out
+
+
 def forward_backward(model: Module, input_ids, labels=None, attention_mask=None,
                      ignore_index: int = -100, n_threads: int | None = None) -> Tensor:
-    """``loss = model(input_ids, labels=labels).loss; loss.backward()`` for a causal LM batch, with
-    the batch split over CPU threads when that helps; returns the loss (detached: its graph is gone).
+    """``loss = DataParallel(model)(input_ids, labels=labels).loss; loss.backward()``, as one call
+    for benchmarks and notebooks; returns the loss, detached (its graph is gone).
 
-    Runs as the plain two lines on a GPU, with one thread (``parallel.num_threads()``), when grad is
-    off, or when a micro-batch would hold fewer than ``MIN_TOKENS_PER_MICRO_BATCH`` tokens (passing
-    ``n_threads`` explicitly skips that last check). Otherwise each of ``n`` micro-batches (n = the
-    thread count, at most the batch size) runs on a replica of the model in its own thread.
-    Labels are shifted inside the model as in transformers, so micro-batch k has
-    ``n_k = (labels[k][:, 1:] != ignore_index).sum()`` targets and its loss is weighted n_k / N.
-    A loss that is not finite (divergence, or no target at all) runs no backward and leaves every
-    gradient as it was; the training loop then stops with a clear error.
+    ``labels`` default to ``input_ids``; ``n_threads`` as in ``DataParallel`` (given, it skips the
+    minimum token count). A loss that is not finite (divergence, or no target at all) runs no
+    backward and leaves every gradient as it was, as the training loop's check does.
     """
     labels = input_ids if labels is None else labels
-    n = parallel.num_threads() if n_threads is None else n_threads
-    ids = _host_array(input_ids) if backend.get_xp(_data(input_ids)) is np else None
-    if ids is None or n < 2 or ids.ndim != 2 or ids.shape[0] < 2 or not is_grad_enabled():
-        return _plain(model, input_ids, labels, attention_mask)
-    if n_threads is None and ids.size < n * MIN_TOKENS_PER_MICRO_BATCH:
-        n = ids.size // MIN_TOKENS_PER_MICRO_BATCH           # fewer, fuller micro-batches (or none)
-        if n < 2:
-            return _plain(model, input_ids, labels, attention_mask)
-    lab, mask = _host_array(labels), _host_array(attention_mask)
-    if lab.shape != ids.shape:
-        raise ValueError(f"labels have shape {lab.shape} but input_ids {ids.shape}; they must match")
-    slices = micro_batches(ids.shape[0], n)
-    counts = [int((lab[sl, 1:] != ignore_index).sum()) for sl in slices]
-    total = sum(counts)
-    work = [(k, sl) for k, (sl, c) in enumerate(zip(slices, counts)) if c > 0]
-    if total == 0 or len(work) < 2:        # nothing to split (or every target in one micro-batch)
-        return _plain(model, input_ids, labels, attention_mask)
-
-    trained = [p for p in model.parameters() if p.requires_grad]
-    before = [p.grad for p in trained]
-    replicas = [replicate(model) for _ in work]
-    generators = backend.rng().spawn(len(work))
-
-    def run(i):
-        k, sl = work[i]
-        replica = replicas[i][0]
-        with parallel.single_threaded(), backend.use_rng(generators[i]):
-            loss = model_loss(replica, ids[sl], lab[sl], None if mask is None else mask[sl])
-            weight = counts[k] / total
-            value = loss.item()
-            if math.isfinite(value):
-                loss.backward(grad=np.asarray(weight, dtype=loss.data.dtype))
-            return value * weight
-
-    loss = sum(parallel.run_chunks(run, list(range(len(work))), blas_one_thread=True))
-    if not math.isfinite(loss):              # leave every gradient as it was; the caller decides
-        return Tensor(np.asarray(loss, dtype=np.float32))
-
-    for p, old in zip(trained, before):
-        if p.grad is not old:
-            raise RuntimeError("data_parallel: a module reached a parameter of the original model "
-                               "instead of its replica's (a layer kept in a plain list or dict?); "
-                               "register it as a module attribute, or set MINILORA_NUM_THREADS=1")
-        grads = [g for g in (mapping[id(p)].grad for _, mapping in replicas) if g is not None]
-        if grads:
-            g = grads[0]                                   # the replica's own array: add in place
-            for other in grads[1:]:
-                g += other
-            p._accum(g, fresh=True)
-    return Tensor(np.asarray(loss, dtype=np.float32))
+    kwargs = {"labels": labels}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    wrapper = DataParallel(model, n_threads=n_threads, ignore_index=ignore_index)
+    loss = _loss_of(wrapper(input_ids, **kwargs))
+    if math.isfinite(loss.item()):
+        loss.backward()
+    return loss.detach()
 
 
 def model_loss(model, input_ids, labels, attention_mask=None) -> Tensor:
@@ -180,18 +253,16 @@ def model_loss(model, input_ids, labels, attention_mask=None) -> Tensor:
     kwargs = {"labels": labels}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-    loss = getattr(model(input_ids, **kwargs), "loss", None)
+    return _loss_of(model(input_ids, **kwargs))
+
+
+def _loss_of(output) -> Tensor:
+    loss = getattr(output, "loss", None)
     if loss is None:
         raise ValueError("model(input_ids, labels=...) returned no .loss; the training loop needs a "
                          "model whose forward computes the loss from labels")
     return loss
 
 
-def _plain(model, input_ids, labels, attention_mask) -> Tensor:
-    loss = model_loss(model, input_ids, labels, attention_mask)
-    if math.isfinite(loss.item()):
-        loss.backward()
-    return loss.detach()
-
-
-__all__ = ["forward_backward", "model_loss", "replicate", "micro_batches"]
+__all__ = ["DataParallel", "DataParallelOutput", "forward_backward", "model_loss", "replicate",
+           "micro_batches"]

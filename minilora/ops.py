@@ -9,26 +9,33 @@ that turns ``out.grad`` into the parents' gradients. The rules, as in micrograd:
   (``unbroadcast``), which is the most common bug in hand-written backprop;
 * a parent with ``requires_grad=False`` is skipped *before* any work is done for it.
 
-Composite operations (mean, sqrt-free norms, softmax-free attention, ...) live in ``functional.py``
-and are built from these, so they need no backward of their own. The Tensor operators (``+ - * / **
-@``, ``sum``, ``reshape``, ...) are bound at the bottom of this file.
+Composite operations (softmax, norms, attention, ...) live in ``functional.py`` and are built from
+these, so they need no backward of their own; the few composites here (``mean``, ``swapaxes``, a
+matmul with a vector) call the primitives beside them. The Tensor operators (``+ - * / ** @``,
+``sum``, ``reshape``, ...) are methods written in ``Tensor``'s class body (``tensor.py``), each
+calling the function of the same meaning here.
+
+This module imports only the graph machinery (``autograd.TensorBase``), never ``tensor.py``: results
+are made by ``TensorBase._result`` and constants by ``TensorBase._constant``, which build plain
+``minilora.Tensor`` objects (annotated ``TensorBase`` here). Inside this file ops call each other as
+functions, not as Tensor methods, so the imports run autograd <- ops <- tensor with no cycle.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import backend
-from .tensor import Tensor
+from .autograd import TensorBase
 
 
-def as_tensor(x, like: Tensor | None = None) -> Tensor:
+def as_tensor(x, like: TensorBase | None = None) -> TensorBase:
     """Tensors pass through; numbers and arrays become constants in ``like``'s dtype and device."""
-    if isinstance(x, Tensor):
+    if isinstance(x, TensorBase):
         return x
     if like is not None:
         xpmod = backend.get_xp(like.data)
-        return Tensor(xpmod.asarray(x, dtype=like.data.dtype))
-    return Tensor(x)
+        return TensorBase._constant(xpmod.asarray(x, dtype=like.data.dtype))
+    return TensorBase._constant(x)
 
 
 def unbroadcast(grad, shape: tuple):
@@ -49,10 +56,10 @@ def unbroadcast(grad, shape: tuple):
 
 
 # ============================================================== elementwise, binary
-def add(a, b) -> Tensor:
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+def add(a, b) -> TensorBase:
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
-    out = Tensor._result(a.data + b.data, (a, b), "+")
+    out = TensorBase._result(a.data + b.data, (a, b), "+")
 
     def _backward():
         if a.requires_grad:
@@ -63,10 +70,10 @@ def add(a, b) -> Tensor:
     return out
 
 
-def sub(a, b) -> Tensor:
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+def sub(a, b) -> TensorBase:
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
-    out = Tensor._result(a.data - b.data, (a, b), "-")
+    out = TensorBase._result(a.data - b.data, (a, b), "-")
 
     def _backward():
         if a.requires_grad:
@@ -77,10 +84,10 @@ def sub(a, b) -> Tensor:
     return out
 
 
-def mul(a, b) -> Tensor:
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+def mul(a, b) -> TensorBase:
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
-    out = Tensor._result(a.data * b.data, (a, b), "*")
+    out = TensorBase._result(a.data * b.data, (a, b), "*")
 
     def _backward():
         if a.requires_grad:
@@ -91,10 +98,10 @@ def mul(a, b) -> Tensor:
     return out
 
 
-def div(a, b) -> Tensor:
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+def div(a, b) -> TensorBase:
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
-    out = Tensor._result(a.data / b.data, (a, b), "/")
+    out = TensorBase._result(a.data / b.data, (a, b), "/")
 
     def _backward():
         if a.requires_grad:  # d(a/b)/da = 1/b
@@ -105,12 +112,12 @@ def div(a, b) -> Tensor:
     return out
 
 
-def pow(a, b) -> Tensor:  # noqa: A001  (mirrors the ** operator)
+def pow(a, b) -> TensorBase:  # noqa: A001  (mirrors the ** operator)
     """a ** b. A number exponent is the common case (x ** 2); a Tensor exponent also works."""
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
-    if not isinstance(b, Tensor):
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
+    if not isinstance(b, TensorBase):
         p = float(b)
-        out = Tensor._result(a.data ** p, (a,), f"**{p:g}")
+        out = TensorBase._result(a.data ** p, (a,), f"**{p:g}")
 
         def _backward():
             if a.requires_grad:  # d(a^p)/da = p a^(p-1)
@@ -118,7 +125,7 @@ def pow(a, b) -> Tensor:  # noqa: A001  (mirrors the ** operator)
         out._set_backward(_backward)
         return out
     xpmod = backend.get_xp(a.data)
-    out = Tensor._result(a.data ** b.data, (a, b), "**")
+    out = TensorBase._result(a.data ** b.data, (a, b), "**")
 
     def _backward():
         if a.requires_grad:
@@ -129,8 +136,8 @@ def pow(a, b) -> Tensor:  # noqa: A001  (mirrors the ** operator)
     return out
 
 
-def neg(a: Tensor) -> Tensor:
-    out = Tensor._result(-a.data, (a,), "neg")
+def neg(a: TensorBase) -> TensorBase:
+    out = TensorBase._result(-a.data, (a,), "neg")
 
     def _backward():
         if a.requires_grad:
@@ -140,9 +147,9 @@ def neg(a: Tensor) -> Tensor:
 
 
 # ============================================================== elementwise, unary
-def exp(a: Tensor) -> Tensor:
+def exp(a: TensorBase) -> TensorBase:
     xpmod = backend.get_xp(a.data)
-    out = Tensor._result(xpmod.exp(a.data), (a,), "exp")
+    out = TensorBase._result(xpmod.exp(a.data), (a,), "exp")
 
     def _backward():
         if a.requires_grad:  # d e^a = e^a
@@ -151,9 +158,9 @@ def exp(a: Tensor) -> Tensor:
     return out
 
 
-def log(a: Tensor) -> Tensor:
+def log(a: TensorBase) -> TensorBase:
     xpmod = backend.get_xp(a.data)
-    out = Tensor._result(xpmod.log(a.data), (a,), "log")
+    out = TensorBase._result(xpmod.log(a.data), (a,), "log")
 
     def _backward():
         if a.requires_grad:
@@ -162,9 +169,9 @@ def log(a: Tensor) -> Tensor:
     return out
 
 
-def sqrt(a: Tensor) -> Tensor:
+def sqrt(a: TensorBase) -> TensorBase:
     xpmod = backend.get_xp(a.data)
-    out = Tensor._result(xpmod.sqrt(a.data), (a,), "sqrt")
+    out = TensorBase._result(xpmod.sqrt(a.data), (a,), "sqrt")
 
     def _backward():
         if a.requires_grad:  # d sqrt(a) = 1 / (2 sqrt(a))
@@ -173,9 +180,9 @@ def sqrt(a: Tensor) -> Tensor:
     return out
 
 
-def tanh(a: Tensor) -> Tensor:
+def tanh(a: TensorBase) -> TensorBase:
     xpmod = backend.get_xp(a.data)
-    out = Tensor._result(xpmod.tanh(a.data), (a,), "tanh")
+    out = TensorBase._result(xpmod.tanh(a.data), (a,), "tanh")
 
     def _backward():
         if a.requires_grad:  # d tanh = 1 - tanh^2
@@ -184,10 +191,10 @@ def tanh(a: Tensor) -> Tensor:
     return out
 
 
-def sigmoid(a: Tensor) -> Tensor:
+def sigmoid(a: TensorBase) -> TensorBase:
     xpmod = backend.get_xp(a.data)
     # 1/(1+e^-x) overflows e^-x for x << 0; the tanh form is the same function and never overflows.
-    out = Tensor._result(0.5 * xpmod.tanh(0.5 * a.data) + 0.5, (a,), "sigmoid")
+    out = TensorBase._result(0.5 * xpmod.tanh(0.5 * a.data) + 0.5, (a,), "sigmoid")
 
     def _backward():
         if a.requires_grad:  # d sigmoid = s (1 - s)
@@ -196,7 +203,7 @@ def sigmoid(a: Tensor) -> Tensor:
     return out
 
 
-def erf(a: Tensor) -> Tensor:
+def erf(a: TensorBase) -> TensorBase:
     """The error function (NumPy has none): Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, which is
     float32 rounding. The backward uses the exact derivative 2/sqrt(pi) exp(-x^2)."""
     xpmod = backend.get_xp(a.data)
@@ -205,7 +212,7 @@ def erf(a: Tensor) -> Tensor:
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
                                                                           + t * 1.061405429))))
     y = xpmod.sign(x) * (1.0 - poly * xpmod.exp(-x * x))
-    out = Tensor._result(y.astype(x.dtype, copy=False), (a,), "erf")
+    out = TensorBase._result(y.astype(x.dtype, copy=False), (a,), "erf")
 
     def _backward():
         if a.requires_grad:
@@ -214,12 +221,12 @@ def erf(a: Tensor) -> Tensor:
     return out
 
 
-def maximum(a, b) -> Tensor:
+def maximum(a, b) -> TensorBase:
     """Elementwise max; where a == b the gradient is split evenly (as torch.maximum does)."""
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
     xpmod = backend.get_xp(a.data, b.data)
-    out = Tensor._result(xpmod.maximum(a.data, b.data), (a, b), "maximum")
+    out = TensorBase._result(xpmod.maximum(a.data, b.data), (a, b), "maximum")
 
     def _backward():
         share_a = (a.data > b.data) + 0.5 * (a.data == b.data)
@@ -231,9 +238,9 @@ def maximum(a, b) -> Tensor:
     return out
 
 
-def astype(a: Tensor, dtype) -> Tensor:
+def astype(a: TensorBase, dtype) -> TensorBase:
     """Cast (e.g. float16 <-> float32); the gradient is cast back to the input's dtype."""
-    out = Tensor._result(a.data.astype(dtype), (a,), f"astype({np.dtype(dtype).name})")
+    out = TensorBase._result(a.data.astype(dtype), (a,), f"astype({np.dtype(dtype).name})")
 
     def _backward():
         if a.requires_grad:
@@ -242,13 +249,13 @@ def astype(a: Tensor, dtype) -> Tensor:
     return out
 
 
-def where(cond, a, b) -> Tensor:
+def where(cond, a, b) -> TensorBase:
     """Pick from a where cond is true, else from b (cond is a boolean array; no gradient)."""
-    cond = cond.data if isinstance(cond, Tensor) else cond
-    like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
+    cond = cond.data if isinstance(cond, TensorBase) else cond
+    like = a if isinstance(a, TensorBase) else b if isinstance(b, TensorBase) else None
     a, b = as_tensor(a, like), as_tensor(b, like)
     xpmod = backend.get_xp(a.data, b.data)
-    out = Tensor._result(xpmod.where(cond, a.data, b.data), (a, b), "where")
+    out = TensorBase._result(xpmod.where(cond, a.data, b.data), (a, b), "where")
 
     def _backward():
         zero = xpmod.zeros((), dtype=out.grad.dtype)
@@ -261,22 +268,22 @@ def where(cond, a, b) -> Tensor:
 
 
 # ============================================================== matrix product
-def matmul(a, b) -> Tensor:
+def matmul(a, b) -> TensorBase:
     """a @ b with NumPy's rules: batched over leading axes, which broadcast.
 
     When b is a 2-D weight shared by a batch of rows (x @ W.T in every Linear), the forward pass and
     both gradients are single large GEMMs on (batch*seq, features) views instead of a loop of small
     ones, and dL/db sums over the batch inside that GEMM.
     """
-    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+    a = as_tensor(a, b if isinstance(b, TensorBase) else None)
     b = as_tensor(b, a)
     if a.ndim == 1 or b.ndim == 1:  # vectors: promote to matrices, then drop the added axis
-        a2 = a.reshape(1, -1) if a.ndim == 1 else a
-        b2 = b.reshape(-1, 1) if b.ndim == 1 else b
+        a2 = reshape(a, 1, -1) if a.ndim == 1 else a    # (k,) -> (1, k)
+        b2 = reshape(b, -1, 1) if b.ndim == 1 else b    # (k,) -> (k, 1)
         out = matmul(a2, b2)
         shape = out.shape[:-2] + (() if a.ndim == 1 else out.shape[-2:-1]) \
             + (() if b.ndim == 1 else out.shape[-1:])
-        return out.reshape(*shape)
+        return reshape(out, *shape)                     # the size-1 axis of each vector dropped
 
     shared_weight = b.ndim == 2 and a.ndim > 2
     if shared_weight:
@@ -284,7 +291,7 @@ def matmul(a, b) -> Tensor:
         y = (a.data.reshape(-1, k) @ b.data).reshape(*a.shape[:-1], n)  # (..., n) one GEMM
     else:
         y = a.data @ b.data
-    out = Tensor._result(y, (a, b), "@")
+    out = TensorBase._result(y, (a, b), "@")
 
     def _backward():
         g = out.grad
@@ -312,9 +319,9 @@ def _norm_axes(axis, ndim):
     return tuple(sorted(ax % ndim for ax in axes))
 
 
-def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+def sum(a: TensorBase, axis=None, keepdims: bool = False) -> TensorBase:  # noqa: A001
     axes = _norm_axes(axis, a.ndim)
-    out = Tensor._result(a.data.sum(axis=axes, keepdims=keepdims), (a,), "sum")
+    out = TensorBase._result(a.data.sum(axis=axes, keepdims=keepdims), (a,), "sum")
 
     def _backward():
         if a.requires_grad:  # every summed element gets the same gradient: broadcast it back
@@ -325,11 +332,11 @@ def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     return out
 
 
-def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+def max(a: TensorBase, axis=None, keepdims: bool = False) -> TensorBase:  # noqa: A001
     """Maximum over axes; tied maxima share the gradient equally (like torch.amax)."""
     axes = _norm_axes(axis, a.ndim)
     m = a.data.max(axis=axes, keepdims=True)
-    out = Tensor._result(m if keepdims else m.reshape([n for i, n in enumerate(m.shape)
+    out = TensorBase._result(m if keepdims else m.reshape([n for i, n in enumerate(m.shape)
                                                        if i not in axes]), (a,), "max")
 
     def _backward():
@@ -343,10 +350,10 @@ def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
 
 
 # ============================================================== shape and indexing
-def reshape(a: Tensor, *shape) -> Tensor:
+def reshape(a: TensorBase, *shape) -> TensorBase:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    out = Tensor._result(a.data.reshape(shape), (a,), "reshape")
+    out = TensorBase._result(a.data.reshape(shape), (a,), "reshape")
 
     def _backward():
         if a.requires_grad:
@@ -355,12 +362,12 @@ def reshape(a: Tensor, *shape) -> Tensor:
     return out
 
 
-def transpose(a: Tensor, *axes) -> Tensor:
+def transpose(a: TensorBase, *axes) -> TensorBase:
     """Permute axes like ``ndarray.transpose``; no axes reverses them (``.T``)."""
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
     axes = tuple(ax % a.ndim for ax in axes) if axes else tuple(reversed(range(a.ndim)))
-    out = Tensor._result(a.data.transpose(axes), (a,), "transpose")
+    out = TensorBase._result(a.data.transpose(axes), (a,), "transpose")
 
     def _backward():
         if a.requires_grad:  # apply the inverse permutation
@@ -369,7 +376,7 @@ def transpose(a: Tensor, *axes) -> Tensor:
     return out
 
 
-def swapaxes(a: Tensor, ax1: int, ax2: int) -> Tensor:
+def swapaxes(a: TensorBase, ax1: int, ax2: int) -> TensorBase:
     """Exchange two axes, e.g. ``k.swapaxes(-1, -2)`` for k transposed (built on transpose)."""
     perm = list(range(a.ndim))
     perm[ax1], perm[ax2] = perm[ax2], perm[ax1]
@@ -381,13 +388,13 @@ def _is_basic_index(idx) -> bool:
     return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
 
 
-def getitem(a: Tensor, idx) -> Tensor:
+def getitem(a: TensorBase, idx) -> TensorBase:
     """Indexing with ints, slices, None, Ellipsis, boolean or integer arrays (NumPy semantics)."""
-    if isinstance(idx, Tensor):
+    if isinstance(idx, TensorBase):
         idx = idx.data
     elif isinstance(idx, tuple):
-        idx = tuple(i.data if isinstance(i, Tensor) else i for i in idx)
-    out = Tensor._result(a.data[idx], (a,), "getitem")
+        idx = tuple(i.data if isinstance(i, TensorBase) else i for i in idx)
+    out = TensorBase._result(a.data[idx], (a,), "getitem")
 
     def _backward():
         if a.requires_grad:
@@ -402,10 +409,10 @@ def getitem(a: Tensor, idx) -> Tensor:
     return out
 
 
-def concatenate(tensors, axis: int = 0) -> Tensor:
+def concatenate(tensors, axis: int = 0) -> TensorBase:
     tensors = [as_tensor(t) for t in tensors]
     xpmod = backend.get_xp(*[t.data for t in tensors])
-    out = Tensor._result(xpmod.concatenate([t.data for t in tensors], axis=axis), tuple(tensors),
+    out = TensorBase._result(xpmod.concatenate([t.data for t in tensors], axis=axis), tuple(tensors),
                          "concatenate")
 
     def _backward():
@@ -421,14 +428,14 @@ def concatenate(tensors, axis: int = 0) -> Tensor:
     return out
 
 
-def embedding(ids, weight: Tensor) -> Tensor:
+def embedding(ids, weight: TensorBase) -> TensorBase:
     """weight[ids]: look up rows of a (vocab, dim) table for an integer array of ids.
 
     The backward adds each position's gradient into its token's row; a token that occurs many times
     collects all of them (a scatter-add, ``backend.scatter_add``).
     """
-    ids = ids.data if isinstance(ids, Tensor) else ids
-    out = Tensor._result(weight.data[ids], (weight,), "embedding")  # (*ids.shape, dim)
+    ids = ids.data if isinstance(ids, TensorBase) else ids
+    out = TensorBase._result(weight.data[ids], (weight,), "embedding")  # (*ids.shape, dim)
 
     def _backward():
         if weight.requires_grad:
@@ -440,42 +447,8 @@ def embedding(ids, weight: Tensor) -> Tensor:
     return out
 
 
-# ============================================================== bind to Tensor
-def _bind():
-    T = Tensor
-    T.__add__ = lambda a, b: add(a, b)
-    T.__radd__ = lambda a, b: add(b, a)
-    T.__sub__ = lambda a, b: sub(a, b)
-    T.__rsub__ = lambda a, b: sub(b, a)
-    T.__mul__ = lambda a, b: mul(a, b)
-    T.__rmul__ = lambda a, b: mul(b, a)
-    T.__truediv__ = lambda a, b: div(a, b)
-    T.__rtruediv__ = lambda a, b: div(b, a)
-    T.__pow__ = lambda a, b: pow(a, b)
-    T.__rpow__ = lambda a, b: pow(as_tensor(b, a), a)
-    T.__matmul__ = lambda a, b: matmul(a, b)
-    T.__rmatmul__ = lambda a, b: matmul(b, a)
-    T.__neg__ = lambda a: neg(a)
-    T.__getitem__ = lambda a, idx: getitem(a, idx)
-    T.sum = lambda a, axis=None, keepdims=False: sum(a, axis, keepdims)
-    T.mean = lambda a, axis=None, keepdims=False: mean(a, axis, keepdims)
-    T.max = lambda a, axis=None, keepdims=False: max(a, axis, keepdims)
-    T.reshape = lambda a, *shape: reshape(a, *shape)
-    T.transpose = lambda a, *axes: transpose(a, *axes)
-    T.swapaxes = lambda a, ax1, ax2: swapaxes(a, ax1, ax2)
-    T.T = property(lambda a: transpose(a))
-    T.exp = lambda a: exp(a)
-    T.log = lambda a: log(a)
-    T.sqrt = lambda a: sqrt(a)
-    T.tanh = lambda a: tanh(a)
-    T.sigmoid = lambda a: sigmoid(a)
-    T.astype = lambda a, dtype: astype(a, dtype)
-
-
-def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+# ============================================================== composite
+def mean(a: TensorBase, axis=None, keepdims: bool = False) -> TensorBase:
     """Composite: the sum divided by the number of elements reduced."""
     n = int(np.prod([a.shape[ax] for ax in _norm_axes(axis, a.ndim)]))
-    return sum(a, axis, keepdims) * (1.0 / n)
-
-
-_bind()
+    return mul(sum(a, axis, keepdims), 1.0 / n)

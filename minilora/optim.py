@@ -10,8 +10,11 @@
 * ``get_cosine_schedule_with_warmup`` / ``WarmupCosine``: linear warm-up then a half-cosine decay,
   the schedule of transformers' function of the same name.
 
-Updates run in place on whole arrays (one loop over parameters, never over elements), on whichever
-array module holds them (NumPy or CuPy). ``state_dict()`` gives host NumPy arrays, in torch's layout.
+Each ``step`` is a loop over parameters (never over elements) whose body is the update rule written
+as the equation, on whichever array module holds the arrays (NumPy or CuPy): that is the reference,
+what runs in ``minilora.reference()``. Otherwise the step runs its fast twin, ``fast/optim.py``
+(parameters shared among CPU threads; AdamW's update in cache-sized pieces), equal up to float32
+rounding. ``state_dict()`` gives host NumPy arrays, in torch's layout.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ import math
 
 import numpy as np
 
-from . import backend
-from .fast import parallel
+from . import backend, settings
+from .fast import optim as fast_optim
 from .tensor import Tensor, no_grad
 
 
@@ -78,31 +81,22 @@ class Optimizer:
             p.grad = None
 
     def step(self) -> None:
-        """Update every trainable parameter that has a gradient (a loop over parameters, whose
-        updates are whole-array operations; on the CPU the parameters are shared among threads)."""
+        """Update every trainable parameter that has a gradient, one at a time (``_update``); outside
+        ``minilora.reference()`` the parameters are shared among CPU threads
+        (``fast.optim.run_per_parameter``: each is still updated by one thread, by ``_update``)."""
         work = []
         for group, p in self._trainable():
-            st = self.state.get(id(p))
-            if st is None:
-                st = self.state[id(p)] = self._init_state(p)
-            st["step"] += 1
-            work.append((p, st, group))
-        if not work:
-            return
-        total = sum(p.size for p, _, _ in work)
-        n = len(parallel.split_rows(len(work), total, backend.get_xp(work[0][0].data)))
-        shares = [[] for _ in range(n)]
-        sizes = [0] * n
-        for item in sorted(work, key=lambda it: -it[0].size):   # biggest first, to the lightest share
-            i = sizes.index(min(sizes))
-            shares[i].append(item)
-            sizes[i] += item[0].size
-
-        def run(share):
-            for p, st, group in share:
-                self._update(p, p.grad.astype(p.data.dtype, copy=False), st, group)
+            state = self.state.get(id(p))
+            if state is None:
+                state = self.state[id(p)] = self._init_state(p)
+            state["step"] += 1
+            work.append((p, p.grad.astype(p.data.dtype, copy=False), state, group))
         with no_grad():
-            parallel.run_chunks(run, shares)
+            if settings.reference_mode():
+                for p, g, state, group in work:
+                    self._update(p, g, state, group)
+            else:
+                fast_optim.run_per_parameter(self._update, work)
 
     def _init_state(self, p) -> dict:
         xpmod = backend.get_xp(p.data)
@@ -172,27 +166,34 @@ class SGD(Optimizer):
         return {"step": 0}   # the momentum buffer is created from the first gradient
 
     def _update(self, p, g, state, group) -> None:
-        if group["weight_decay"]:
-            g = g + group["weight_decay"] * p.data            # L2 through the gradient (coupled)
-        mu = group["momentum"]
+        """One parameter: g <- g + λ·p; with momentum μ, buf <- μ·buf + (1 − dampening)·g (buf = g on
+        the first step) and g <- g + μ·buf (Nesterov) or buf; then p <- p − lr·g."""
+        lr, mu, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        if weight_decay:
+            g = g + weight_decay * p.data                     # L2 through the gradient (coupled)
         if mu:
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = g.copy()
             else:
-                buf *= mu
-                buf += (1.0 - group["dampening"]) * g
+                buf[...] = mu * buf + (1.0 - group["dampening"]) * g
             g = g + mu * buf if group["nesterov"] else buf
-        p.data -= group["lr"] * g
+        p.data -= lr * g
 
 
 class AdamW(Optimizer):
-    """Adam with decoupled weight decay, exactly torch.optim.AdamW's arithmetic and defaults.
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019, Algorithm 2), with
+    torch.optim.AdamW's defaults. For each parameter p with gradient g, at step t = 1, 2, ...:
 
-    With g the gradient, t the step count:
-        p  <- p (1 - lr wd)                          (decoupled decay: not seen by the moments)
-        m  <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
-        p  <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+        m  <- β1·m + (1 − β1)·g                  the first moment, a running mean of g
+        v  <- β2·v + (1 − β2)·g²                 the second moment, a running mean of g²
+        m̂  =  m / (1 − β1ᵗ),  v̂ = v / (1 − β2ᵗ)   bias-corrected (m and v start at zero)
+        p  <- p − lr·(m̂ / (√v̂ + ε) + λ·p)       λ = weight_decay, applied to p directly: the decay
+                                                 is not seen by the moments ("decoupled")
+
+    ``_update`` is those lines, for one parameter. Outside ``minilora.reference()`` it runs
+    ``fast.optim.adamw_update_`` instead: torch's arrangement of the same arithmetic, in place and
+    in cache-sized pieces (same m and v bits; p within float32 rounding).
     """
 
     _state_keys = ("exp_avg", "exp_avg_sq")
@@ -205,59 +206,20 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, g, state, group) -> None:
-        arrays = (p.data, g, state["exp_avg"], state["exp_avg_sq"])
-        pieces = _cache_pieces(arrays)
-        if pieces is None:
-            self._update_arrays(*arrays, state["step"], group)
+        """One AdamW step of parameter ``p`` (the class docstring's lines), in place on p.data and
+        on the moments in ``state`` (``exp_avg`` = m, ``exp_avg_sq`` = v; ``step`` = t)."""
+        lr, (beta1, beta2), eps, weight_decay = (group["lr"], group["betas"], group["eps"],
+                                                 group["weight_decay"])
+        t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        if not settings.reference_mode():
+            fast_optim.adamw_update_(p.data, g, m, v, t, lr, beta1, beta2, eps, weight_decay)
             return
-        flat = [a.reshape(-1) for a in arrays]
-        scratch = np.empty(_CACHE_PIECE, dtype=p.data.dtype)
-        for sl in pieces:
-            self._update_arrays(*(a[sl] for a in flat), state["step"], group,
-                                scratch[: sl.stop - sl.start])
-
-    @staticmethod
-    def _update_arrays(w, g, m, v, t: int, group: dict, tmp=None) -> None:
-        """The update above, in place on the arrays w (the weights), m and v; ``tmp`` is scratch
-        space of their size (allocated here if not given)."""
-        xpmod = backend.get_xp(w)
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        tmp = xpmod.empty_like(w) if tmp is None else tmp
-        if wd:
-            w *= 1.0 - lr * wd
-        m *= b1                                                  # m <- b1 m + (1 - b1) g
-        xpmod.multiply(g, 1.0 - b1, out=tmp)
-        m += tmp
-        v *= b2                                                  # v <- b2 v + (1 - b2) g^2
-        xpmod.multiply(g, g, out=tmp)
-        tmp *= 1.0 - b2
-        v += tmp
-        xpmod.sqrt(v, out=tmp)                                   # sqrt(v) / sqrt(1 - b2^t) + eps
-        tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
-        tmp += eps
-        xpmod.divide(m, tmp, out=tmp)                            # m / denominator
-        tmp *= lr / (1.0 - b1 ** t)
-        w -= tmp
-
-
-# AdamW makes about a dozen passes over each parameter-sized array (weights, gradient, two moments,
-# scratch). On a big matrix each pass streams it from memory again; on pieces of this many numbers
-# (512 KiB of float32 per array) the passes after the first mostly hit the cache. Elementwise, so the
-# result is the same bits. Smaller pieces suit one thread better but cost more NumPy calls, and with
-# two threads every call hands the GIL over (64 Ki pieces were slower than none at 2 threads).
-# Measured on the small config's 10.8M parameters (interleaved medians of 21 steps): 1 thread
-# 66 -> 55 ms, 2 threads 37 -> 33 ms.
-_CACHE_PIECE = 1 << 17
-
-
-def _cache_pieces(arrays) -> list | None:
-    """Slices of the flattened arrays, ``_CACHE_PIECE`` numbers each, or None to update the arrays
-    whole (on a GPU, for a small parameter, or when an array is not contiguous)."""
-    n = arrays[0].size
-    if n <= 2 * _CACHE_PIECE or not all(isinstance(a, np.ndarray) and a.flags.c_contiguous
-                                        for a in arrays):
-        return None
-    return [slice(i, min(i + _CACHE_PIECE, n)) for i in range(0, n, _CACHE_PIECE)]
+        xpmod = backend.get_xp(p.data)
+        m[...] = beta1 * m + (1 - beta1) * g
+        v[...] = beta2 * v + (1 - beta2) * g**2
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        p.data -= lr * (m_hat / (xpmod.sqrt(v_hat) + eps) + weight_decay * p.data)
 
 
 def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:

@@ -53,7 +53,7 @@ MIN_PARALLEL_ELEMENTS = 1 << 16
 # Multiply-adds below which a matmul is not split into row blocks (same reason, for GEMMs).
 MIN_PARALLEL_MACS = 1 << 21
 
-# ------------------------------------------------------------------ data parallelism (fast/data_parallel.py)
+# ------------------------------------------------------------------ data parallelism (data_parallel.py)
 # Below this many tokens per micro-batch the split does not pay: each thread's Python overhead and
 # fixed costs (a replica, and for a 4-bit base its own dequantization of every weight) outweigh the
 # halved arithmetic. Measured on the shipped base (2 threads, step time split / plain): LoRA 1.02x at
@@ -66,7 +66,7 @@ MIN_TOKENS_PER_MICRO_BATCH = 512
 # triangle is skipped block by block (blocks of 32 and 128 measured 3% slower on the tiny config).
 MIN_QUERY_BLOCK = 64
 
-# ------------------------------------------------------------------ LoRA (fast/lora_linear.py)
+# ------------------------------------------------------------------ LoRA (lora/fused.py)
 # The merged weight W0 + ΔW (out, in) is kept from forward for the backward when out <= this
 # fraction of the rows N: then it is at most that fraction of the input x, which the layer keeps
 # anyway. Larger ones are formed again in backward, so that a big model does not hold a

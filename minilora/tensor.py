@@ -1,207 +1,135 @@
-"""Tensor: an array that remembers how it was made, and walks that record backwards for gradients.
+"""Tensor: the array users and models compute with, its operators written out in one class body.
 
-This is reverse-mode automatic differentiation in the style of Karpathy's micrograd, on whole arrays
-instead of scalars: every operation (in ``ops.py`` and ``functional.py``) returns a new Tensor that
-keeps its parents and a ``_backward`` closure which, given ``out.grad``, adds each parent's share of
-the gradient into ``parent.grad`` (``+=``: a tensor used twice gets both contributions).
+``Tensor`` is ``autograd.TensorBase`` (data, grad, the graph and ``backward()``: read that module for
+how reverse-mode autodiff works here) plus the operators and methods a student writes with:
+``+ - * / ** @`` with their reflected forms, unary ``-``, indexing, ``sum/mean/max``, ``reshape``,
+``transpose``, ``swapaxes``, ``.T``, ``exp/log/sqrt/tanh/sigmoid`` and ``astype``. Each is a
+one-line method that calls the primitive of the same meaning in ``ops.py``, where the forward and
+the backward of every op are written side by side. NumPy's broadcasting rules apply throughout.
 
-``Tensor.backward()`` sorts the graph topologically (iteratively, so deep graphs never hit Python's
-recursion limit) and runs the closures from the output back to the leaves. Three rules make LoRA
-cheap, and are tested:
-
-* a tensor with ``requires_grad=False`` (a frozen weight) never receives a gradient, and every
-  closure checks ``parent.requires_grad`` before computing that parent's share: the matmul that would
-  produce dL/dW0 is simply never run;
-* results computed from frozen inputs only (or under ``no_grad()``) record no graph at all;
-* after ``backward()`` the graph is freed (closures and parents dropped, intermediate gradients
-  released) unless ``retain_graph=True``. Leaf gradients accumulate across calls, as in PyTorch;
-  zero them with ``p.grad = None`` or an optimizer's ``zero_grad()``.
+``ops.py`` never imports this module (it builds results through ``TensorBase``), so the imports run
+autograd <- ops <- tensor, with no cycle.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
-from . import backend
+from . import backend, ops
+from .autograd import TensorBase, is_grad_enabled, no_grad
 
-_grad_enabled = True
-
-
-@contextmanager
-def no_grad():
-    """Record no graph inside this block (inference, optimizer updates). Also a decorator."""
-    global _grad_enabled
-    old, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = old
+__all__ = ["Tensor", "no_grad", "is_grad_enabled"]
 
 
-def is_grad_enabled() -> bool:
-    return _grad_enabled
+class Tensor(TensorBase, result_class=True):
+    """An n-dimensional array (``.data``: NumPy or CuPy) with an optional gradient (``.grad``).
 
-
-def _as_array(data, dtype=None):
-    """Turn data (list, scalar, NumPy or CuPy array) into an array; floats default to float32."""
-    if isinstance(data, Tensor):
-        data = data.data
-    xpmod = backend.get_xp(data)
-    if xpmod is np and not isinstance(data, np.ndarray):
-        xpmod = backend.xp()
-        data = xpmod.asarray(data)
-        if dtype is None and data.dtype.kind == "f":
-            dtype = backend.default_float()
-    if dtype is not None and data.dtype != dtype:
-        data = data.astype(dtype)
-    return data
-
-
-class Tensor:
-    """An n-dimensional array (``.data``: NumPy or CuPy) with an optional gradient (``.grad``)."""
+    ``Tensor(data, requires_grad=False, dtype=None)``: lists and Python numbers become arrays on the
+    current device, floating point ones in float32. Every op on a Tensor returns a new Tensor.
+    """
 
     __array_priority__ = 1000  # make `ndarray * Tensor` call Tensor.__rmul__, not NumPy's loop
 
-    def __init__(self, data, requires_grad: bool = False, dtype=None):
-        self.data = _as_array(data, dtype)
-        if requires_grad and self.data.dtype.kind != "f":
-            raise ValueError(f"only floating-point tensors can require grad, got {self.data.dtype}; "
-                             "convert with .astype(np.float32) first")
-        self.requires_grad = bool(requires_grad)
-        self.grad = None
-        self._grad_owned = False   # True once .grad is an array we may update in place
-        self._prev: tuple = ()      # the tensors this one was computed from
-        self._backward = None       # closure that pushes self.grad into the parents' .grad
-        self._op = ""               # name of the op that made it (for printing graphs)
-        self._freed = False         # set when backward() has released this node's graph
+    # ------------------------------------------------------------------ arithmetic
+    def __add__(self, other) -> Tensor:
+        return ops.add(self, other)
 
-    # ------------------------------------------------------------------ graph bookkeeping
-    @classmethod
-    def _result(cls, data, parents: tuple, op: str) -> "Tensor":
-        """The output of an op: it joins the graph only if grad is on and a parent needs grad."""
-        out = Tensor.__new__(Tensor)
-        out.data = data
-        out.requires_grad = _grad_enabled and any(p.requires_grad for p in parents)
-        out.grad = None
-        out._grad_owned = False
-        out._prev = parents if out.requires_grad else ()
-        out._backward = None
-        out._op = op
-        out._freed = False
-        return out
+    def __radd__(self, other) -> Tensor:
+        return ops.add(other, self)
 
-    def _set_backward(self, fn) -> None:
-        """Attach an op's backward closure, only when this tensor is part of a graph."""
-        if self.requires_grad:
-            self._backward = fn
+    def __sub__(self, other) -> Tensor:
+        return ops.sub(self, other)
+
+    def __rsub__(self, other) -> Tensor:
+        return ops.sub(other, self)
+
+    def __mul__(self, other) -> Tensor:
+        return ops.mul(self, other)
+
+    def __rmul__(self, other) -> Tensor:
+        return ops.mul(other, self)
+
+    def __truediv__(self, other) -> Tensor:
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other) -> Tensor:
+        return ops.div(other, self)
+
+    def __pow__(self, exponent) -> Tensor:
+        return ops.pow(self, exponent)
+
+    def __rpow__(self, base) -> Tensor:
+        # `2 ** t`: the number is the base, made a constant so ops.pow takes the Tensor-exponent path
+        return ops.pow(ops.as_tensor(base, self), self)
+
+    def __matmul__(self, other) -> Tensor:
+        return ops.matmul(self, other)
+
+    def __rmatmul__(self, other) -> Tensor:
+        return ops.matmul(other, self)
+
+    def __neg__(self) -> Tensor:
+        return ops.neg(self)
+
+    def __getitem__(self, idx) -> Tensor:
+        return ops.getitem(self, idx)
+
+    # ------------------------------------------------------------------ reductions
+    def sum(self, axis=None, keepdims: bool = False) -> Tensor:
+        return ops.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False) -> Tensor:
+        return ops.mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims: bool = False) -> Tensor:
+        return ops.max(self, axis, keepdims)
+
+    # ------------------------------------------------------------------ shape
+    def reshape(self, *shape) -> Tensor:
+        """``t.reshape(2, 3)`` or ``t.reshape((2, 3))``, like ``ndarray.reshape``."""
+        return ops.reshape(self, *shape)
+
+    def transpose(self, *axes) -> Tensor:
+        """Permute axes like ``ndarray.transpose``; no axes reverses them."""
+        return ops.transpose(self, *axes)
+
+    def swapaxes(self, ax1: int, ax2: int) -> Tensor:
+        return ops.swapaxes(self, ax1, ax2)
 
     @property
-    def is_leaf(self) -> bool:
-        return not self._prev and self._backward is None and not self._freed
+    def T(self) -> Tensor:  # noqa: N802  (NumPy's and PyTorch's name)
+        """All axes reversed: the transpose of a matrix."""
+        return ops.transpose(self)
 
-    def _accum(self, g, fresh: bool = False) -> None:
-        """self.grad += g. ``fresh`` says g is a new array nobody else holds, so we may keep it.
+    # ------------------------------------------------------------------ elementwise functions
+    def exp(self) -> Tensor:
+        return ops.exp(self)
 
-        The first gradient is stored without a copy when we can (a leaf copies a shared array,
-        so that ``p.grad *= c`` in user code can never change another tensor's gradient); later
-        ones are added in place once the stored array is ours.
-        """
-        if g.dtype != self.data.dtype:
-            g = g.astype(self.data.dtype)
-            fresh = True
-        if self.grad is None:
-            if self.is_leaf and not fresh:
-                g, fresh = g.copy(), True
-            self.grad, self._grad_owned = g, fresh
-        elif self._grad_owned:
-            self.grad += g
-        else:
-            self.grad = self.grad + g
-            self._grad_owned = True
+    def log(self) -> Tensor:
+        return ops.log(self)
 
-    def _topological_order(self) -> list:
-        """Every tensor that needs a gradient, parents before children (iterative DFS)."""
-        order, visited = [], set()
-        stack = [(self, False)]
-        while stack:
-            node, children_done = stack.pop()
-            if children_done:
-                order.append(node)
-                continue
-            if id(node) in visited:
-                continue
-            visited.add(id(node))
-            stack.append((node, True))
-            for parent in node._prev:
-                if parent.requires_grad and id(parent) not in visited:
-                    stack.append((parent, False))
-        return order
+    def sqrt(self) -> Tensor:
+        return ops.sqrt(self)
 
-    def backward(self, grad=None, retain_graph: bool = False) -> None:
-        """Compute d(self)/d(leaf) for every leaf that requires grad, adding into ``leaf.grad``.
+    def tanh(self) -> Tensor:
+        return ops.tanh(self)
 
-        ``grad`` is the upstream gradient (dL/dself); it defaults to 1 for a scalar.
-        """
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad: no input of "
-                               "this computation has requires_grad=True (or it ran under no_grad)")
-        if self._freed:
-            raise RuntimeError("backward() through a graph that an earlier backward() already freed;"
-                               " pass retain_graph=True to the first call")
-        xpmod = backend.get_xp(self.data)
-        if grad is None:
-            if self.data.size != 1:
-                raise RuntimeError(f"backward() without a gradient needs a scalar, got shape "
-                                   f"{self.shape}; pass grad= with that shape")
-            grad = xpmod.ones_like(self.data)
-        else:
-            grad = xpmod.asarray(_as_array(grad), dtype=self.data.dtype)
-            if grad.shape != self.data.shape:
-                raise ValueError(f"backward(grad=...) has shape {grad.shape}, expected {self.shape}")
-        order = self._topological_order()
-        self._accum(grad)
-        for node in reversed(order):
-            if node._freed:
-                raise RuntimeError("backward() reached a graph freed by an earlier backward(); pass"
-                                   " retain_graph=True to the first call")
-            if node._backward is None or node.grad is None:
-                continue
-            node._backward()
-            node.grad = None  # intermediate gradients are not kept (as in PyTorch), so a second
-            # backward(retain_graph=True) pass starts from zero instead of stale sums
-            if not retain_graph:
-                node._backward, node._prev, node._freed = None, (), True
+    def sigmoid(self) -> Tensor:
+        return ops.sigmoid(self)
+
+    def astype(self, dtype) -> Tensor:
+        """A cast that stays in the graph: the gradient is cast back to this tensor's dtype."""
+        return ops.astype(self, dtype)
 
     # ------------------------------------------------------------------ conveniences
-    @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
-    def size(self) -> int:
-        return self.data.size
-
-    @property
-    def device(self) -> str:
-        return backend.device_of(self.data)
-
     def __len__(self) -> int:
         return len(self.data)
 
-    def detach(self) -> "Tensor":
+    def detach(self) -> Tensor:
         """The same data, cut from the graph (no gradient flows through it)."""
         return Tensor(self.data)
 
     def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU when it lives there)."""
         return backend.to_numpy(self.data)
 
     def item(self) -> float:
@@ -209,20 +137,22 @@ class Tensor:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
         return self.numpy().reshape(()).item()
 
-    def to(self, device: str) -> "Tensor":
-        """A copy on ``device`` ("cpu"/"cuda") as a new leaf with the same requires_grad."""
+    def to(self, device: str) -> Tensor:
+        """A new leaf on ``device`` ("cpu"/"cuda") with the same requires_grad; its data is copied
+        across devices and shared when already there (``backend.to_device``)."""
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
-    def requires_grad_(self, flag: bool = True) -> "Tensor":
+    def requires_grad_(self, flag: bool = True) -> Tensor:
         if flag and self.data.dtype.kind != "f":
-            raise ValueError(f"only floating-point tensors can require grad, got {self.dtype}")
+            raise ValueError(f"only floating-point tensors can require grad, got {self.dtype}; "
+                             "convert with .astype(np.float32) first")
         self.requires_grad = flag
         return self
 
     def __repr__(self) -> str:
-        extra = f", requires_grad=True" if self.requires_grad else ""
+        extra = ", requires_grad=True" if self.requires_grad else ""
         op = f", op={self._op!r}" if self._op else ""
         return f"Tensor({backend.to_numpy(self.data)!r}{extra}{op})"
 
     def __hash__(self):
-        return id(self)
+        return id(self)  # tensors are graph nodes: hashed by identity, as torch.Tensor is

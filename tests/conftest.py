@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from minilora import backend
+from minilora.settings import reference_mode
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
@@ -27,11 +28,23 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 TEST_DEVICE = os.environ.get("MINILORA_TEST_DEVICE", "cpu")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fast_path: checks a fast twin itself (threads, replicas, fused "
+                            "ops, kernels); skipped in reference mode, where only the references run")
+
+
 def pytest_collection_modifyitems(config, items):
     if TEST_DEVICE == "cuda" and not backend.cuda_available():
         skip = pytest.mark.skip(reason=f"MINILORA_TEST_DEVICE=cuda but {backend.cuda_unavailable_reason()}")
         for item in items:
             item.add_marker(skip)
+    # MINILORA_REFERENCE=1 (CI's second pass): the suite again on the reference path only; a test of
+    # the fast machinery has nothing to check there (its twin equals the reference: tested above)
+    if reference_mode():
+        skip = pytest.mark.skip(reason="fast_path test: MINILORA_REFERENCE=1 runs the references only")
+        for item in items:
+            if item.get_closest_marker("fast_path"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

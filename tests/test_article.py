@@ -14,7 +14,7 @@ from minilora.lora import merge
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The claims the article check must cover (the brief's list).
+# The claims the article check must cover.
 REQUIRED = {
     "ex-h-base", "ex-ba-shape", "ex-scaling", "ex-bax", "ex-scaled", "ex-h",          # the 4×4 example
     "rd-w0-params", "rd-ab-params", "rd-total", "rd-ratio", "rd-shapes",              # 8192², r=16

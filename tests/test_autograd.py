@@ -46,8 +46,9 @@ def test_binary_ops_broadcast(op, shapes, seed):
     gradcheck(binary[op], [a, b])
 
 
-def test_issue_broadcast_example():
-    """The pair named in the issue: (5,1,4,1) with (3,1,6)."""
+def test_broadcast_both_ways_example():
+    """(5,1,4,1) with (3,1,6) give (5,3,4,6): both inputs are stretched along their size-1 axes, and
+    the second also gets a new leading axis, so unbroadcast must sum over both kinds."""
     gradcheck(lambda a, b: a * b + a, [rand((5, 1, 4, 1), 1), rand((3, 1, 6), 2)])
 
 

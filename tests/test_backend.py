@@ -104,6 +104,7 @@ def test_cuda_round_trip(cuda_device):
 _FAULTS_PER_ROUND = """
 import resource, sys, threading, numpy as np
 from minilora import backend
+backend.keep_freed_host_memory()  # what the CLI and train() do; MINILORA_KEEP_FREED_MEMORY=0: nothing
 def round_():                     # a training step's pattern: many live buffers, then all freed
     bufs = [np.ones(256 * 1024 * (1 + i % SIZES), np.float32) for i in range(40)]   # 1..SIZES MiB
     del bufs
@@ -129,7 +130,7 @@ print(out[0])
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc tuning applies to glibc on Linux only")
 def test_freed_host_memory_is_reused_without_page_faults():
-    """With the default (MINILORA_KEEP_FREED_MEMORY unset) freed buffers are reused: a round of
+    """After keep_freed_host_memory() (MINILORA_KEEP_FREED_MEMORY=1) freed buffers are reused: a round of
     40 MiB of allocations costs (almost) no page faults; with the tuning off, glibc returns the memory
     to the kernel and every round faults all 10,240 pages in again."""
     def faults(keep, sizes=1, where="main"):
@@ -143,3 +144,64 @@ def test_freed_host_memory_is_reused_without_page_faults():
     # too (a thread's own arena unmapped its heaps: ~10,800 faults a round when measured)
     assert faults("1", 12, "worker") < 100
     assert faults("0", 12, "worker") > 1000        # 5,401 measured (glibc 2.36)
+
+
+# A child process that records every mallopt() call: ctypes.CDLL is replaced before minilora is
+# imported, so the record also covers whatever runs at import time.
+_MALLOPT_SPY = """
+import ctypes, json, sys
+calls = []
+class Libc:
+    def __init__(self, *a, **k):
+        pass
+    def mallopt(self, param, value):
+        calls.append([param, value])
+        return 1
+ctypes.CDLL = Libc
+import minilora, minilora.train, minilora.cli, minilora.data_parallel, minilora.lora, minilora.quant
+from minilora import backend
+after_import = (list(calls), backend.host_memory_kept())
+if sys.argv[1] == "train":
+    import numpy as np
+    from minilora.models import LlamaConfig, LlamaForCausalLM
+    from minilora.optim import AdamW
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    ids = np.zeros((2, 4), np.int64)
+    for _ in range(2):
+        minilora.train.train(model, lambda s: (ids, ids), AdamW(model.parameters()), steps=1,
+                             progress=False)
+elif sys.argv[1] == "cli":
+    import types
+    cmd = types.ModuleType("spy_command")
+    cmd.add_arguments = lambda parser: None
+    cmd.run = lambda args: 0
+    sys.modules["spy_command"] = cmd
+    minilora.cli.SUBCOMMANDS["spy"] = ("spy_command", "a command that does nothing")
+    assert minilora.cli.main(["spy"]) == 0
+print(json.dumps({"import": after_import, "after": (calls, backend.host_memory_kept())}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc tuning applies to glibc on Linux only")
+@pytest.mark.parametrize("then", ["train", "cli"])
+def test_import_leaves_malloc_alone_and_train_or_the_cli_opts_in_once(then):
+    """``import minilora`` (and its submodules) never calls mallopt: it is process-wide, so a
+    library does not change it on import. train() (every call, first one only) and every CLI
+    command apply it once; MINILORA_KEEP_FREED_MEMORY=0 keeps glibc's defaults there too."""
+    import json
+
+    from minilora import settings
+
+    def spy(keep):
+        env = dict(os.environ, MINILORA_KEEP_FREED_MEMORY=keep)
+        out = subprocess.run([sys.executable, "-c", _MALLOPT_SPY, then], capture_output=True,
+                             text=True, env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    on = spy("1")
+    assert on["import"] == [[], False]
+    assert on["after"] == [[[backend._M_MMAP_THRESHOLD, settings.HOST_MMAP_THRESHOLD],
+                            [backend._M_TRIM_THRESHOLD, settings.HOST_TRIM_THRESHOLD],
+                            [backend._M_ARENA_MAX, 1]], True]      # once, though train ran twice
+    assert spy("0") == {"import": [[], False], "after": [[], False]}

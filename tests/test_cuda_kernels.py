@@ -1,4 +1,4 @@
-"""minilora's CUDA row kernels (``minilora/cuda_kernels.py``) against exact references.
+"""minilora's CUDA row kernels (``minilora/fast/cuda_kernels.py``) against exact references.
 
 What runs where:
 
@@ -8,7 +8,7 @@ What runs where:
   That checks the bounds themselves here, so a GPU failure means the kernel, not the test;
 * everywhere: every launch against a fake device that checks it against the kernel's C signature
   (argument order, dtypes, outputs, grid and block) and computes it with the model, so that
-  ``functional``'s CUDA branch runs end to end and must match the CPU path;
+  ``fast/functional.py``'s CUDA branch runs end to end and must match the CPU path;
 * where ``nvcc`` is on PATH: every kernel source compiles for sm_90 with CuPy's flags, warnings as
   errors; with an NVRTC library (``MINILORA_NVRTC_LIB=/path/libnvrtc.so`` or one on the loader path)
   also through NVRTC, the compiler CuPy's RawKernel really uses (it rejects e.g. ``INFINITY``, which
@@ -35,7 +35,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import minilora
 from minilora import Tensor, backend
+from minilora import settings as ml_settings
 from minilora.fast import cuda_kernels as ck
 from minilora import functional as F
 
@@ -397,7 +399,8 @@ def _forbid_kernels(monkeypatch):
 
 
 def _fused_ops_on(x, g, w, t, to):
-    """Outputs and input gradients of the four fused ops of functional, on arrays moved by ``to``."""
+    """Outputs and input gradients of the four fused ops (``F``'s fast path), on arrays moved by
+    ``to``."""
     results = {}
     for op in OPS:
         xt = Tensor(to(x), requires_grad=True)
@@ -440,7 +443,7 @@ def test_cpu_path_calls_no_kernel_and_matches_references(monkeypatch):
 # The CUDA C itself cannot run here, but everything around it can: a fake ``ck.kernel`` checks each
 # launch against the kernel's C signature (parsed from its source: argument count, order, dtypes,
 # const inputs vs outputs, contiguity) and the launch shape (grid (N,), block (block_threads(C),)),
-# then computes the outputs with the NumPy model. functional's CUDA branch, told that NumPy float32
+# then computes the outputs with the NumPy model. fast/functional.py's CUDA branch, told that NumPy float32
 # arrays are on the GPU, then runs end to end.
 _C_TYPES = {"const float*": np.ndarray, "float*": np.ndarray, "const long long*": np.ndarray,
             "const long long": np.int64, "const int": np.int32, "const float": np.float32}
@@ -506,12 +509,27 @@ class FakeKernel:
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """NumPy float32 arrays take functional's CUDA branch; kernels launch on the fake device."""
+    """NumPy float32 arrays take fast/functional.py's CUDA branch; kernels launch on the fake device."""
     monkeypatch.setattr(ck, "kernel", FakeKernel)
-    monkeypatch.setattr(F, "_cuda_rows", lambda *arrays: all(
+    monkeypatch.setattr(ck, "applies", lambda *arrays: all(
         a.dtype == np.float32 and a.size > 0 and a.ndim > 0 for a in arrays))
     FakeKernel.launches = []
     yield FakeKernel.launches
+
+
+def test_applies_reads_the_switch_at_each_call_and_not_in_reference_mode(monkeypatch):
+    """``ck.applies`` is True for non-empty float32 arrays of a GPU module (faked: any module but
+    NumPy), and False once ``settings.USE_CUDA_KERNELS`` is switched off or inside reference()."""
+    monkeypatch.setattr(ck.backend, "get_xp", lambda *arrays: object())
+    x = np.ones((2, 3), dtype=_F32)
+    with minilora.reference(False):
+        assert ck.applies(x, x[0])
+        assert not ck.applies(x.astype(np.float64)) and not ck.applies(x[:0])
+        monkeypatch.setattr(ml_settings, "USE_CUDA_KERNELS", False)
+        assert not ck.applies(x)
+        monkeypatch.setattr(ml_settings, "USE_CUDA_KERNELS", True)
+    with minilora.reference():
+        assert not ck.applies(x)
 
 
 def test_every_signature_parses():
@@ -520,6 +538,7 @@ def test_every_signature_parses():
         assert sig[-1] == ("const int", "C") and all(t in _C_TYPES for t, _ in sig), sig
 
 
+@pytest.mark.fast_path
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 0 / 0: a mean over no row
 @pytest.mark.parametrize("shape", [(2, 3, 37), (1, 1), (4, 300), (3, 1)])
 def test_functional_cuda_branch_on_a_fake_device(fake_gpu, monkeypatch, shape):
@@ -538,6 +557,7 @@ def test_functional_cuda_branch_on_a_fake_device(fake_gpu, monkeypatch, shape):
             np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=op)
 
 
+@pytest.mark.fast_path
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 0 / 0: a mean over no row
 def test_cross_entropy_branch_semantics_on_a_fake_device(fake_gpu, monkeypatch):
     """Ignored rows, "sum", and the NaN of a mean over no valid row, as the CPU path gives them."""
@@ -549,7 +569,7 @@ def test_cross_entropy_branch_semantics_on_a_fake_device(fake_gpu, monkeypatch):
             for fake in (True, False):
                 with monkeypatch.context() as m:
                     if not fake:
-                        m.setattr(F, "_cuda_rows", lambda *arrays: False)
+                        m.setattr(ck, "applies", lambda *arrays: False)
                     zt = Tensor(z.copy(), requires_grad=True)
                     loss = F.cross_entropy(zt, t, ignore_index=IGNORE, reduction=reduction)
                     loss.backward()
@@ -636,7 +656,7 @@ def test_functional_falls_back_where_no_kernel_applies(cuda_device, monkeypatch)
     s0 = F.softmax(Tensor(backend.to_device(x.astype(_F32), "cuda")), axis=0)
     np.testing.assert_allclose(backend.to_numpy(s0.data), ref_softmax(x.T.astype(_F32))[0].T,
                                rtol=1e-5, atol=1e-7)
-    monkeypatch.setattr(F, "USE_CUDA_KERNELS", False)
+    monkeypatch.setattr(ml_settings, "USE_CUDA_KERNELS", False)
     F.rms_norm(Tensor(backend.to_device(x.astype(_F32), "cuda")), None)
 
 

@@ -1,5 +1,7 @@
-"""Data parallelism over CPU threads (minilora.data_parallel): the split batch gives the full batch's
-loss and gradients, replicas share the weights' memory, and the result never depends on timing."""
+"""Data parallelism over CPU threads (minilora.data_parallel): ``DataParallel(model)`` is called like
+the model and its loss's ``backward()`` like any loss; the split batch gives the full batch's loss
+and gradients, replicas share the weights' memory, the result never depends on timing, and when it
+does not split it is exactly the model's own call."""
 import threading
 
 import numpy as np
@@ -7,13 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import backend
+from minilora import backend, settings
 from minilora.fast import parallel
 from minilora import data_parallel as DP
 from minilora.lora import LoraConfig, get_peft_model
 from minilora.models import LlamaConfig, LlamaForCausalLM
 from minilora.nn import Linear, Module
 from minilora.quant import quantize_model
+
+# The split itself is the fast path: in reference mode the wrapper is the plain call (tested here
+# too, with settings.reference()), so these checks have nothing to split there.
+pytestmark = pytest.mark.fast_path
 
 
 def _llama(dtype=np.float64, tie=True):
@@ -48,12 +54,20 @@ def _clear(model):
         p.grad = None
 
 
+def _step(model, ids, labels, mask=None, n_threads=None):
+    """The training loop's two lines through the wrapper; returns the loss value."""
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    loss = DP.DataParallel(model, n_threads=n_threads)(ids, labels=labels, **kwargs).loss
+    loss.backward()
+    return loss.item()
+
+
 def _plain_then_split(model, n_threads, **kw):
     ids, labels, mask = _batch()
-    plain = DP.forward_backward(model, ids, labels, mask, n_threads=1).item()
+    plain = _step(model, ids, labels, mask, n_threads=1)
     g_plain = _grads(model)
     _clear(model)
-    split = DP.forward_backward(model, ids, labels, mask, n_threads=n_threads).item()
+    split = _step(model, ids, labels, mask, n_threads=n_threads)
     g_split = _grads(model)
     _clear(model)
     return plain, g_plain, split, g_split
@@ -66,7 +80,7 @@ def test_split_batch_gives_the_full_batch_loss_and_gradients_float64(n_threads, 
     batch exactly in float64 (differences are summation-order rounding, ~1e-16)."""
     model = _llama(np.float64, tie)
     plain, g_plain, split, g_split = _plain_then_split(model, n_threads)
-    assert split == pytest.approx(plain, rel=1e-6)        # the returned loss is float32
+    assert split == pytest.approx(plain, rel=0, abs=1e-13)   # float64: the model's dtype
     assert g_split.keys() == g_plain.keys() and len(g_plain) == len(list(model.parameters()))
     for name in g_plain:
         np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-13, err_msg=name)
@@ -91,13 +105,13 @@ def test_any_split_equals_the_full_batch_float64(B, T, n_threads, seed, p_ignore
     if (labels[:, 1:] == -100).all():
         labels[0, -1] = ids[0, -1]                       # at least one target in the batch
     _clear(model)
-    plain = DP.forward_backward(model, ids, labels, n_threads=1).item()
+    plain = _step(model, ids, labels, n_threads=1)
     g_plain = _grads(model)
     _clear(model)
-    split = DP.forward_backward(model, ids, labels, n_threads=n_threads).item()
+    split = _step(model, ids, labels, n_threads=n_threads)
     g_split = _grads(model)
     _clear(model)
-    assert split == pytest.approx(plain, rel=1e-6)
+    assert split == pytest.approx(plain, rel=0, abs=1e-13)
     assert g_split.keys() == g_plain.keys()
     for name in g_plain:
         np.testing.assert_allclose(g_split[name], g_plain[name], rtol=0, atol=1e-12, err_msg=name)
@@ -138,24 +152,112 @@ def test_qlora_threads_use_their_own_dequantization_buffers():
 def test_gradients_accumulate_into_existing_ones_like_backward():
     model = _llama()
     ids, labels, mask = _batch()
-    DP.forward_backward(model, ids, labels, mask, n_threads=1)
+    _step(model, ids, labels, mask, n_threads=1)
     once = _grads(model)
-    DP.forward_backward(model, ids, labels, mask, n_threads=2)
+    _step(model, ids, labels, mask, n_threads=2)
     for name, p in model.named_parameters():
         np.testing.assert_allclose(p.grad, 2 * once[name], rtol=0, atol=1e-13)
 
 
-def test_one_thread_is_exactly_the_plain_two_lines():
+def test_one_thread_is_exactly_the_plain_call():
+    """Without a split the wrapper is the model's own call: same output type, logits, loss, bits."""
     model = _llama(np.float32)
     ids, labels, mask = _batch()
-    loss = model(ids, labels=labels, attention_mask=mask).loss
-    loss.backward()
+    ref_out = model(ids, labels=labels, attention_mask=mask)
+    ref_out.loss.backward()
     ref = _grads(model)
     _clear(model)
-    out = DP.forward_backward(model, ids, labels, mask, n_threads=1)
-    assert out.item() == loss.item() and not out.requires_grad
+    out = DP.DataParallel(model, n_threads=1)(ids, labels=labels, attention_mask=mask)
+    assert type(out) is type(ref_out)
+    np.testing.assert_array_equal(out.logits.data, ref_out.logits.data)
+    assert out.loss.item() == ref_out.loss.item()
+    out.loss.backward()
     for name, g in _grads(model).items():
         np.testing.assert_array_equal(g, ref[name])
+    assert DP.DataParallel(model)(ids).data.shape == (5, 9, 61)     # no labels: logits, as model(ids)
+
+
+def test_a_split_call_returns_the_loss_as_a_graph_node_and_no_logits():
+    """The split loss is a Tensor in a graph: an upstream gradient (here 3) scales every replica's
+    share, as for any loss; logits are None (documented: the model's own call gives them)."""
+    model = _llama(np.float64)
+    ids, labels, mask = _batch()
+    plain = _step(model, ids, labels, mask, n_threads=1)
+    g_plain = _grads(model)
+    _clear(model)
+    out = DP.DataParallel(model, n_threads=2)(ids, labels=labels, attention_mask=mask)
+    assert isinstance(out, DP.DataParallelOutput) and out.logits is None
+    assert out.loss.requires_grad and all(p.grad is None for p in model.parameters())  # no backward yet
+    assert out.loss.item() == pytest.approx(plain, rel=0, abs=1e-13)
+    (out.loss * 3.0).backward()
+    for name, g in _grads(model).items():
+        np.testing.assert_allclose(g, 3 * g_plain[name], rtol=0, atol=1e-13, err_msg=name)
+
+
+def test_micro_batches_go_to_threads_at_the_call_and_at_backward(monkeypatch):
+    """The micro-batches are handed to run_chunks with BLAS held to one thread: once for the
+    forwards at the call, once for the backwards at ``backward()``."""
+    model = _llama(np.float64)
+    ids, labels, mask = _batch()
+    calls = []
+    real = parallel.run_chunks
+
+    def spy(fn, chunks, blas_one_thread=False):
+        if len(chunks) > 1:                 # the kernels inside run one chunk each (one thread)
+            calls.append((len(chunks), blas_one_thread))
+        return real(fn, chunks, blas_one_thread)
+    monkeypatch.setattr(parallel, "run_chunks", spy)
+    out = DP.DataParallel(model, n_threads=2)(ids, labels=labels, attention_mask=mask)
+    assert calls == [(2, True)]
+    out.loss.backward()
+    assert calls == [(2, True), (2, True)]
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("why", ["reference", "no_grad", "extra_kwarg", "no_labels"])
+def test_no_split_where_it_cannot_or_must_not(monkeypatch, why):
+    """Reference mode (one thread, no replicas), no grad, an argument the wrapper cannot slice, no
+    labels: the plain call, and no replica is ever made."""
+    monkeypatch.setattr(DP, "replicate", lambda m: pytest.fail("replicated"))
+    model = _llama(np.float32)
+    ids, labels, mask = _batch()
+    wrapper = DP.DataParallel(model, n_threads=2)
+    if why == "reference":
+        with settings.reference():
+            out = wrapper(ids, labels=labels, attention_mask=mask)
+    elif why == "no_grad":
+        from minilora import no_grad
+        with no_grad():
+            out = wrapper(ids, labels=labels, attention_mask=mask)
+    elif why == "extra_kwarg":
+        out = wrapper(ids, labels=labels, attention_mask=mask, past_key_values=None)
+    else:
+        out = wrapper(ids, labels=None)
+    assert out is not None and not isinstance(out, DP.DataParallelOutput)
+
+
+def test_the_wrapper_reaches_the_model_like_torch_ddp():
+    model = _llama(np.float32)
+    wrapper = DP.DataParallel(model)
+    assert wrapper.module is model
+    assert [id(p) for p in wrapper.parameters()] == [id(p) for p in model.parameters()]
+    wrapper.eval()
+    assert not model.training
+    wrapper.train()
+    assert model.training
+
+
+def test_forward_backward_is_the_wrapper_in_one_call():
+    """forward_backward (benchmarks, notebook 08) = the wrapper's loss and backward, same bits."""
+    model = _llama(np.float32)
+    ids, labels, mask = _batch()
+    ref = _step(model, ids, labels, mask, n_threads=2)
+    g_ref = _grads(model)
+    _clear(model)
+    loss = DP.forward_backward(model, ids, labels, mask, n_threads=2)
+    assert loss.item() == ref and not loss.requires_grad
+    for name, g in _grads(model).items():
+        np.testing.assert_array_equal(g, g_ref[name])
 
 
 def test_same_seed_same_bits_with_dropout():
@@ -170,7 +272,7 @@ def test_same_seed_same_bits_with_dropout():
         backend.manual_seed(7)
         ids, labels, mask = _batch()
         for _ in range(3):
-            DP.forward_backward(model, ids, labels, mask, n_threads=2)
+            _step(model, ids, labels, mask, n_threads=2)
         runs.append((_grads(model), backend.rng().random()))
     assert runs[0][1] == runs[1][1] == np.random.default_rng(7).random()
     for name, g in runs[0][0].items():
@@ -217,8 +319,9 @@ def test_a_parameter_held_outside_the_module_tree_is_caught():
     model = Hidden()
     model.extra = model.layers[0]                    # registered too, so it is trained
     ids, labels, mask = _batch()
-    with pytest.raises(RuntimeError, match="outside|original"):
-        DP.forward_backward(model, ids, labels, n_threads=2)
+    loss = DP.DataParallel(model, n_threads=2)(ids, labels=labels).loss
+    with pytest.raises(RuntimeError, match="original model instead of its replica"):
+        loss.backward()
 
 
 def test_thread_local_switches_stay_in_their_thread():
@@ -239,16 +342,16 @@ def test_thread_local_switches_stay_in_their_thread():
 def test_small_batches_are_not_split(monkeypatch):
     """Below MIN_TOKENS_PER_MICRO_BATCH tokens per thread the split costs more than it saves: the
     default runs the plain step (bit-identical), or fewer micro-batches."""
-    monkeypatch.setattr(DP, "MIN_TOKENS_PER_MICRO_BATCH", 20)
-    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    monkeypatch.setattr(settings, "MIN_TOKENS_PER_MICRO_BATCH", 20)
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "3")
     model = _llama(np.float32)
-    ids, labels, mask = _batch()                          # 5 x 9 = 45 tokens: 2 x 20 fit
+    ids, labels, mask = _batch()                          # 5 x 9 = 45 tokens: 2 x 20 fit, not 3
     calls = []
     monkeypatch.setattr(DP, "replicate", lambda m, _r=DP.replicate: calls.append(1) or _r(m))
-    DP.forward_backward(model, ids, labels, mask)
+    _step(model, ids, labels, mask)
     assert len(calls) == 2
     calls.clear()
-    DP.forward_backward(model, ids[:4, :9], labels[:4, :9], mask[:4, :9])   # 36 tokens: one
+    _step(model, ids[:4, :9], labels[:4, :9], mask[:4, :9])   # 36 tokens: one micro-batch, plain
     assert calls == []
 
 
@@ -259,7 +362,7 @@ def test_micro_batches_cover_the_batch():
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_a_non_finite_loss_runs_no_backward(n_threads):
+def test_forward_backward_runs_no_backward_for_a_non_finite_loss(n_threads):
     model = _llama(np.float64)
     ids, labels, mask = _batch()
     model.lm_head.weight.data[0, 0] = np.nan                 # every logit row with token 0 is NaN

@@ -56,7 +56,7 @@ def _mistake(task, name):
 
 
 # ---------------------------------------------------------------- the tasks themselves
-def test_the_issue_asks_for_at_least_eight_tasks():
+def test_at_least_eight_tasks_cover_lora_merging_and_nf4():
     assert len(TASKS) >= 8
     for needed in ("lora_forward", "count_lora_params", "lora_grads", "merge", "unmerge",
                    "matmul_backward", "nf4_quantize_block", "pack_nibbles",
@@ -96,9 +96,9 @@ def test_every_mistake_is_caught_by_the_edge_cases_alone():
             assert not result and result.mistake == m.name, (name, m.name, result.message)
 
 
-def test_the_issue_s_example_hints():
-    """The three hints the issue names: alpha instead of alpha/r, A and B swapped, the gradient not
-    reduced over broadcast axes."""
+def test_hints_name_the_three_classic_mistakes():
+    """Three classic mistakes each get their hint: alpha instead of alpha/r, A and B swapped, the
+    gradient not reduced over broadcast axes."""
     r1 = check("lora_forward", _mistake("lora_forward", "alpha_not_alpha_over_r").fn, verbose=False)
     assert "scaled by alpha, not alpha/r" in r1.message
     r2 = check("lora_forward", _mistake("lora_forward", "delta_transposed").fn, verbose=False)

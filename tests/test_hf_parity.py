@@ -107,3 +107,26 @@ def test_one_training_step_matches_transformers(tmp_path):
     for name, p in ours.named_parameters():
         tw = t_params[name].detach().numpy()
         np.testing.assert_allclose(p.data, tw, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sharded_transformers_checkpoint_loads(tmp_path):
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")       # several model-0000k-of-0000n files
+    assert not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ours = LlamaForCausalLM.from_pretrained(tmp_path)
+    ids = ids_batch(seed=6)
+    np.testing.assert_allclose(ours(ids).numpy(), hf_logits(hf, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
+    from minilora.models import CheckpointError
+    hf = hf_model(seed=5)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(iter(index["weight_map"].values()))
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lists \['model.layers.9.mlp.up_proj.weight'\]"):
+        LlamaForCausalLM.from_pretrained(tmp_path)

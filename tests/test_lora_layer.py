@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 import minilora
-from minilora import Tensor, backend, nn
+from minilora import Tensor, backend, nn, settings
 from minilora.lora import LoraLinear
+from minilora.lora.fused import lora_linear
 from minilora.lora import merge as merge_math
 from minilora.testing import gradcheck
 
@@ -271,30 +272,72 @@ def test_layer_under_no_grad_records_nothing():
 
 
 # ------------------------------------------------------------------ the fused op vs the module form
-def _grads(layer, x):
-    y = layer(x)
-    (y * y).sum().backward()
+# The module form (forward in reference mode) is the equation; the fused op (lora/fused.py) is its
+# fast twin. Both are checked against central differences in float64, and against each other in
+# float32 with bounds from float32 rounding (the γ_K bound of the module docstring).
+
+def _run(layer, x0, g0, reference, seed=7):
+    """Forward and backward of ``layer`` on x0 with upstream gradient g0: (y, dL/dx, dL/dA, dL/dB).
+    The seed is set before the forward, so both forms draw the same dropout mask."""
+    x = Tensor(x0.copy(), requires_grad=True)
+    backend.manual_seed(seed)
+    with settings.reference(reference):
+        y = layer(x)
+        y.backward(g0)
     out = (y.numpy(), x.grad.copy(), layer.lora_A["default"].weight.grad.copy(),
            layer.lora_B["default"].weight.grad.copy())
-    x.grad = None
     layer.zero_grad()
     return out
 
 
+def _bounds(x, W0, A, B, s, g, p):
+    """Elementwise float32 bounds for |fused − module| of (y, dL/dx, dL/dA, dL/dB): each form is
+    within γ_K·(the same sum of absolute products) of the exact value, so twice that. With dropout
+    p, |dropout(x)| <= |x| / (1 − p)."""
+    x, W0, A, B, g = (np.abs(np.asarray(a, np.float64).reshape(-1, a.shape[-1]))
+                      for a in (x, W0, A, B, g))
+    xd = x / (1.0 - p)
+    s = abs(s)
+    N, (out_f, in_f), r = x.shape[0], W0.shape, A.shape[0]
+    y = (in_f + r + 3) * (x @ W0.T + s * (xd @ A.T) @ B.T)
+    dx = (out_f + r + 3) * (g @ W0 + s * (g @ B) @ A / (1.0 - p))
+    dA = (N + out_f + 2) * s * (g @ B).T @ xd
+    dB = (N + in_f + 2) * s * g.T @ (xd @ A.T)
+    return [2 * EPS32 * b + 1e-30 for b in (y, dx, dA, dB)]
+
+
+def _quantized_base(in_f, out_f):
+    from minilora.quant import NF4Linear
+    return NF4Linear.from_linear(nn.Linear(in_f, out_f), double_quant=True)
+
+
+# rows N of x: N < max(in, out) runs the side path; N >= max(in, out) the merged weight, kept for
+# backward when out <= KEEP_MERGED_WEIGHT·N (10 <= 48/4), formed again otherwise (10 > 12/4)
+PATHS = {"side-path": 6, "merged-recomputed": 12, "merged-kept": 48}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_forward_and_grads_match_module_form(dropout, bias):
-    layer = make_layer(in_f=12, out_f=10, r=4, alpha=8, init=False, dropout=dropout, bias=bias)
+@pytest.mark.parametrize("base", ["float", "float+bias", "4-bit"])
+def test_fused_equals_module_form_float32(path, dropout, base):
+    """Output and the gradients of x, A and B, fused vs module form, same dropout mask."""
+    in_f, out_f = 12, 10
+    if base == "4-bit":
+        layer = LoraLinear(_quantized_base(in_f, out_f), module_name="toy")
+        layer.update_layer("default", r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False)
+        layer.set_adapter("default")
+        W0 = layer.base_layer.dequantized_weight()
+    else:
+        layer = make_layer(in_f, out_f, r=4, alpha=8, init=False, dropout=dropout,
+                           bias=base == "float+bias")
+        W0 = layer.base_layer.weight.numpy()
     layer.train()
-    x = Tensor(rand(3, 5, 12), requires_grad=True)
-    backend.manual_seed(7)
-    fused = _grads(layer, x)
-    layer.fused = False
-    backend.manual_seed(7)      # the same dropout mask: both draw the same uniforms in the same order
-    plain = _grads(layer, x)
-    for f, p, what in zip(fused, plain, ["output", "dL/dx", "dL/dA", "dL/dB"]):
-        scale = np.abs(p).max()
-        assert np.abs(f - p).max() <= 64 * EPS32 * scale, what
+    x0, g0 = rand(PATHS[path], in_f), rand(PATHS[path], out_f)
+    fused, plain = _run(layer, x0, g0, reference=False), _run(layer, x0, g0, reference=True)
+    A, B = layer.lora_A["default"].weight.numpy(), layer.lora_B["default"].weight.numpy()
+    bounds = _bounds(x0, W0, A, B, layer.scaling["default"], g0, dropout)
+    for f, p, bound, what in zip(fused, plain, bounds, ["output", "dL/dx", "dL/dA", "dL/dB"]):
+        assert np.all(np.abs(f - p) <= bound), what
 
 
 @pytest.mark.parametrize("rows,dropout", [(6, 0.0), (16, 0.0), (2, 0.0), (6, 0.25)],
@@ -303,28 +346,83 @@ def test_lora_linear_gradcheck_all_inputs_float64(rows, dropout):
     """Both ways lora_linear computes h (N >= max(in, out) without dropout: the merged weight,
     recomputed in backward, or kept from forward once out <= N / 4; otherwise the side path)
     against central differences, for x, W0, b, A and B."""
-    from minilora.lora.layer import lora_linear
     rng = np.random.default_rng(0)
     x0, W0, b0 = rng.standard_normal((rows, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
     A0, B0 = rng.standard_normal((2, 5)), rng.standard_normal((4, 2))
 
     def fn(x, W, b, A, B):
         backend.manual_seed(3)  # the same dropout mask on every call of the finite differences
-        return lora_linear(x, W, b, A, B, lora_alpha=3, r=2, dropout_p=dropout, training=True)
+        return lora_linear(x, W, b, A, B, scaling=1.5, dropout_p=dropout, training=True)
 
     assert gradcheck(fn, [x0, W0, b0, A0, B0], names=["x", "W0", "bias", "lora_A", "lora_B"])
 
 
-def test_fused_small_batch_uses_side_path_and_matches():
-    layer = make_layer(in_f=12, out_f=10, r=4, alpha=8, init=False)
-    x = Tensor(rand(1, 2, 12), requires_grad=True)      # N = 2 < max(in, out): the side path
-    fused = _grads(layer, x)
-    layer.fused = False
-    plain = _grads(layer, x)
-    for f, p in zip(fused, plain):
-        assert np.abs(f - p).max() <= 64 * EPS32 * np.abs(p).max()
+@pytest.mark.parametrize("reference", [False, True], ids=["fused", "module-form"])
+@pytest.mark.parametrize("rows,dropout", [(3, 0.0), (8, 0.0), (3, 0.4)],
+                         ids=["side-path", "merged-weight", "dropout"])
+def test_layer_gradcheck_float64_both_forms(reference, rows, dropout):
+    """The layer as the model calls it, in both forms, against central differences in float64."""
+    with backend.default_float_dtype(np.float64):
+        layer = make_layer(in_f=5, out_f=4, r=2, alpha=3, init=False, dropout=dropout)
+        layer.train()
+        A0 = layer.lora_A["default"].weight.data.copy()
+        B0 = layer.lora_B["default"].weight.data.copy()
+        x0 = backend.rng().standard_normal((rows, 5))
+
+        def fn(x, A, B):
+            _bind(layer.lora_A["default"], A)
+            _bind(layer.lora_B["default"], B)
+            backend.manual_seed(3)  # one dropout mask for every evaluation
+            with settings.reference(reference):
+                return layer(x)
+
+        assert gradcheck(fn, [x0, A0, B0], names=["x", "lora_A", "lora_B"])
 
 
+def _ops_in_graph(y):
+    seen, stack, ops = set(), [y], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        ops.add(t._op)
+        stack.extend(t._prev)
+    return ops
+
+
+@pytest.mark.fast_path   # compares with the fused op, which reference mode never runs
+@pytest.mark.parametrize("rows", [2, 64], ids=["side-path", "merged-weight"])
+def test_reference_mode_builds_the_module_form_graph(rows):
+    layer = make_layer(in_f=12, out_f=10, init=False)
+    x = Tensor(rand(rows, 12), requires_grad=True)
+    with settings.reference():
+        ops = _ops_in_graph(layer(x))
+    assert "lora_linear" not in ops and len(ops) >= 4     # base matmul, A, B, scale, add
+    assert _ops_in_graph(layer(x)) >= {"lora_linear"}      # outside: the fused node
+
+
+@pytest.mark.parametrize("rows", [3, 40], ids=["side-path", "merged-weight"])
+def test_fused_op_reads_the_scale_from_scaling(rows):
+    """The scale lives in one place, ``scaling[name]``: changing it (as PEFT's scale_layer does)
+    changes the fused op, the module form and the merge alike; rsLoRA's α/√r reaches all three."""
+    layer = make_layer(in_f=12, out_f=10, r=16, alpha=8, init=False, rslora=True)
+    assert layer.scaling["default"] == pytest.approx(2.0)      # α/√r, not α/r = 0.5
+    layer.scaling["default"] = 0.37
+    x = rand(rows, 12)
+    W0 = layer.base_layer.weight.numpy().copy()
+    A, B = layer.lora_A["default"].weight.numpy(), layer.lora_B["default"].weight.numpy()
+    want, bound = numpy_lora(x, W0, A, B, 0.37), dot_bound(x, W0, A, B, 0.37)
+    fused = layer(Tensor(x)).numpy()
+    with settings.reference():
+        plain = layer(Tensor(x)).numpy()
+    assert np.all(np.abs(fused - want) <= bound) and np.all(np.abs(plain - want) <= bound)
+    layer.merge()
+    np.testing.assert_array_equal(layer.base_layer.weight.numpy(),
+                                  merge_math.merge_weight_scaled(W0, A, B, 0.37))
+
+
+@pytest.mark.fast_path   # measures the fused op's graph, which reference mode never builds
 def test_fused_path_keeps_fewer_activation_arrays():
     """The fused layer's graph holds one (N, out) output; the module form holds B's output, the
     scaled copy and the sum as well: count the bytes of (N, out) arrays reachable from the output."""
@@ -344,8 +442,8 @@ def test_fused_path_keeps_fewer_activation_arrays():
         return total
 
     fused = graph_bytes(layer(x))
-    layer.fused = False
-    plain = graph_bytes(layer(x))
+    with settings.reference():
+        plain = graph_bytes(layer(x))
     assert fused == 32 * 64 * 4 and plain >= 3 * fused
 
 
@@ -373,16 +471,15 @@ def test_layer_forward_backward_merge_on_every_device(device):
 def test_lora_linear_merged_weight_kept_only_when_small(monkeypatch, rows, merges):
     """The merged weight (out, in) is formed once per step when out <= N / 4, and formed again in
     backward otherwise (a weight-sized array per layer is not held for a large model)."""
-    from minilora.lora import layer as lora_layer
-    from minilora.lora.layer import lora_linear
+    from minilora.lora import fused as lora_fused
     calls = []
-    real = lora_layer.merge_math.merge_weight
-    monkeypatch.setattr(lora_layer.merge_math, "merge_weight",
+    real = lora_fused.merge_math.merge_weight_scaled
+    monkeypatch.setattr(lora_fused.merge_math, "merge_weight_scaled",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     rng = np.random.default_rng(0)
     x = Tensor(rng.standard_normal((rows, 5)).astype(np.float32), requires_grad=True)
     A = Tensor(rng.standard_normal((2, 5)).astype(np.float32), requires_grad=True)
     B = Tensor(rng.standard_normal((4, 2)).astype(np.float32), requires_grad=True)
     W = Tensor(rng.standard_normal((4, 5)).astype(np.float32))
-    lora_linear(x, W, None, A, B, lora_alpha=3, r=2).sum().backward()
+    lora_linear(x, W, None, A, B, scaling=1.5).sum().backward()
     assert len(calls) == merges and x.grad is not None

@@ -26,14 +26,14 @@ from minilora.quant import (DYNAMIC_MAP, FP4_CODE, INT4_CODE, NF4_CODE, VALID_BL
                             storage_bytes, unpack_4bit)
 from minilora.quant import report as qreport
 
-# The 16 values of /work/shared/reference/nf4.md, as printed there.
+# The 16 values of bitsandbytes 0.50.2's NF4 code book (``functional.create_normal_map``), to 9 digits.
 NF4_REFERENCE = [-1.0, -0.696192801, -0.525073051, -0.394917488, -0.284441382, -0.184773430,
                  -0.0910500363, 0.0, 0.0795802996, 0.160930201, 0.246112302, 0.337915242,
                  0.440709829, 0.562617004, 0.722956836, 1.0]
 
-# Error of a standard-normal 4096x4096 matrix at blocksize 64, measured with bitsandbytes (nf4.md):
+# Error of a standard-normal 4096x4096 matrix at blocksize 64, measured with bitsandbytes 0.50.2:
 # (mean abs error, max abs error, RMSE).
-NF4_MD_TABLE = {("nf4", False): (0.072807, 0.604105, 0.091988),
+BNB_ERROR_TABLE = {("nf4", False): (0.072807, 0.604105, 0.091988),
                 ("nf4", True): (0.072881, 0.598553, 0.092013),
                 ("fp4", False): (0.096563, 0.722610, 0.121954)}
 
@@ -62,7 +62,8 @@ def test_nf4_code_is_built_from_normal_quantiles():
 
 
 def test_float32_spacing_of_the_probabilities_matters():
-    """nf4.md: a float64 linspace changes several code values in their last bits."""
+    """bitsandbytes spaces the probabilities in float32: a float64 linspace changes several code
+    values in their last bits."""
     from statistics import NormalDist
     phi_inv = NormalDist().inv_cdf
     v = [phi_inv(p) for p in np.linspace(0.9677083, 0.5, 9)[:-1]]
@@ -123,7 +124,7 @@ def _bnb_dequantize(F, packed, state, shape, blocksize):
     row holds whole blocks: when the last dimension is not a multiple of the blocksize it reads the
     wrong absmax (e.g. shape (2, 96), blocksize 64: value 128 gets block 1's scale, not block 2's),
     disagreeing with its own quantizer and with its pure-PyTorch reference. There we compare with
-    that reference, which follows nf4.md."""
+    that reference, which follows the steps in minilora/quant/nf4.py's docstring."""
     import torch
     if shape[-1] % 2 == 1 or shape[-1] % blocksize == 0:
         return F.dequantize_4bit(packed, state).numpy().reshape(shape)
@@ -239,7 +240,7 @@ def test_double_quant_against_bitsandbytes(bnb_functional):
 
 # ================================================================ error statistics
 def test_error_statistics_match_the_nf4_table():
-    """Standard-normal 4096x4096 at blocksize 64 (fixed seed) against nf4.md's measurements.
+    """Standard-normal 4096x4096 at blocksize 64 (fixed seed) against bitsandbytes' measured figures.
 
     Means over 16.7 M values have a sampling spread of ~1e-5, so mean abs error and RMSE must agree
     to 1e-4 with bitsandbytes' figures from another draw. The max is set by the few largest
@@ -249,7 +250,7 @@ def test_error_statistics_match_the_nf4_table():
     backend.manual_seed(0)
     w = backend.rng().standard_normal((4096, 4096), dtype=np.float32)
     results = {}
-    for (kind, dq), (mean_abs, max_abs, rmse) in NF4_MD_TABLE.items():
+    for (kind, dq), (mean_abs, max_abs, rmse) in BNB_ERROR_TABLE.items():
         q = (quantize_nf4 if kind == "nf4" else quantize_fp4)(w, 64, double_quant=dq)
         err = quantization_error(w, q.dequantize())
         results[kind, dq] = err
@@ -286,8 +287,9 @@ def test_round_trip_shape_dtype_and_error_bound(w, blocksize, quant_type):
     # |error| <= half the largest gap between codes * the block's absmax (+ float32 rounding:
     # the scaled value and the product are each within a few ulp).
     half_gap = np.diff(np.sort(q.code)).max() / 2
-    # The quantizer scales by max(absmax, 1e-38) (nf4.md step 2), so a block of subnormals is
-    # scaled by 1e-38 and rounds to the zero code: the bound uses that same clamped scale.
+    # The quantizer scales by max(absmax, 1e-38) (step 2 in minilora/quant/nf4.py), so a block of
+    # subnormals is scaled by 1e-38 and rounds to the zero code: the bound uses that same clamped
+    # scale.
     scale = np.maximum(np.repeat(q.absmax, blocksize)[: w.size].reshape(w.shape), np.float32(1e-38))
     assert np.all(np.abs(w - w_hat) <= scale * (half_gap + 1e-6))
 
@@ -295,7 +297,8 @@ def test_round_trip_shape_dtype_and_error_bound(w, blocksize, quant_type):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(w=float_arrays, blocksize=st.sampled_from(VALID_BLOCKSIZES))
 def test_index_is_the_nearest_code_by_the_spec(w, blocksize):
-    """Indices equal nf4.md's recipe computed independently with searchsorted(side='left')."""
+    """Indices equal the recipe (step 3 in minilora/quant/nf4.py) computed independently with
+    searchsorted(side='left')."""
     q = quantize_nf4(w, blocksize)
     x = w.reshape(-1)
     n_full = x.size // blocksize * blocksize

@@ -1,13 +1,17 @@
 """Optimizers, clipping and schedules against PyTorch / transformers, and the LoRA-relevant rule that
 frozen parameters get no optimizer state."""
 import math
+import unittest.mock
 
 import numpy as np
 import pytest
+from hypothesis import example, given, strategies as st
 
 from minilora import Tensor, nn
 from minilora.optim import (SGD, AdamW, LambdaLR, WarmupCosine, clip_grad_norm_,
                             get_cosine_schedule_with_warmup)
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def make_params(seed=0, shapes=((3, 4), (4,), (2, 3, 2))):
@@ -55,20 +59,79 @@ def test_adamw_matches_torch(kw):
 
 
 def test_adamw_in_cache_sized_pieces_is_bit_identical(monkeypatch):
-    """A big parameter is updated in pieces (optim._CACHE_PIECE numbers, the last one partial):
-    elementwise arithmetic, so the same bits as the whole-array update; and it matches torch."""
-    import minilora.optim as optim
-    monkeypatch.setattr(optim, "_CACHE_PIECE", 1000)
+    """A big parameter is updated in pieces (settings.ADAMW_CACHE_PIECE numbers, the last one
+    partial): elementwise arithmetic, so the same bits as the whole-array update; and it matches torch."""
+    from minilora import settings
+    from minilora.fast import optim as fast_optim
+    monkeypatch.setattr(settings, "ADAMW_CACHE_PIECE", 1000)
     arrays = [np.random.default_rng(5).standard_normal((37, 181)).astype(np.float32)]  # 6.7 pieces
     kw = dict(lr=3e-3, weight_decay=0.1)
     pieces, opt = run_minilora(lambda ps: AdamW(ps, **kw), arrays, steps=5)
-    assert optim._cache_pieces((pieces[0],) * 4)[-1] == slice(6000, 6697)
-    monkeypatch.setattr(optim, "_CACHE_PIECE", 10 ** 9)
+    assert fast_optim.cache_pieces(*(pieces[0],) * 4)[-1] == slice(6000, 6697)
+    monkeypatch.setattr(settings, "ADAMW_CACHE_PIECE", 10 ** 9)
+    assert fast_optim.cache_pieces(*(pieces[0],) * 4) is None
     whole, _ = run_minilora(lambda ps: AdamW(ps, **kw), arrays, steps=5)
     np.testing.assert_array_equal(pieces[0], whole[0])
     torch = pytest.importorskip("torch")
     ref = run_torch(torch, lambda ps: torch.optim.AdamW(ps, **kw), arrays, steps=5)
     np.testing.assert_allclose(pieces[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def _reference_and_fast(shapes, steps, kw, seed):
+    """Run AdamW in reference mode and on the fast path from the same start; return both, and the
+    largest |p| and |update| the reference saw (per element), for the rounding bound."""
+    from minilora import settings
+    arrays = make_params(seed, shapes)
+    runs = []
+    for reference in (True, False):
+        params = [nn.Parameter(a.copy()) for a in arrays]
+        opt = AdamW(params, **kw)
+        big_p = [np.abs(a).astype(np.float64) for a in arrays]
+        big_u = [np.zeros(a.shape) for a in arrays]
+        for t in range(steps):
+            before = [p.data.copy() for p in params]
+            for p, g in zip(params, grads_for(t, shapes, seed)):
+                p.grad = g
+            with settings.reference(reference):
+                opt.step()
+            for i, p in enumerate(params):
+                big_p[i] = np.maximum(big_p[i], np.abs(p.data))
+                big_u[i] = np.maximum(big_u[i], np.abs(p.data.astype(np.float64) - before[i]))
+        runs.append((params, opt, big_p, big_u))
+    return runs
+
+
+@given(shapes=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+                       min_size=1, max_size=3),
+       wd=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 2**16))
+@example(shapes=[(40, 40, 3), (7,)], wd=0.1, seed=1)    # 4800 numbers: five pieces, one partial
+def test_adamw_fast_twin_equals_the_reference(shapes, wd, seed):
+    """fast.optim.adamw_update_ (torch's arrangement, in pieces) against AdamW's reference lines
+    over 6 steps, with pieces of 1000 numbers so that shapes up to 40³ span many pieces. m and v
+    are computed by the same float32 operations in the same order: equal bits. p differs by the
+    rounding of a few operations per step, each at most eps·(|p| + |update|) (the decay term is
+    below |p|, and an error in p only shrinks through the decay), summed over the steps."""
+    from minilora import settings
+    steps, kw = 6, dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+    with unittest.mock.patch.object(settings, "ADAMW_CACHE_PIECE", 1000):
+        (ref, ref_opt, big_p, big_u), (fast, fast_opt, _, _) = _reference_and_fast(shapes, steps,
+                                                                                  kw, seed)
+    for i, (a, b) in enumerate(zip(ref, fast)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_array_equal(ref_opt.state[id(a)][key], fast_opt.state[id(b)][key])
+        bound = steps * 8 * EPS32 * (big_p[i] + big_u[i])
+        assert np.all(np.abs(a.data.astype(np.float64) - b.data) <= bound)
+
+
+def test_sgd_is_the_same_in_reference_mode():
+    from minilora import settings
+    arrays = make_params()
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    fast, _ = run_minilora(lambda ps: SGD(ps, **kw), arrays, steps=4)
+    with settings.reference():
+        ref, _ = run_minilora(lambda ps: SGD(ps, **kw), arrays, steps=4)
+    for a, b in zip(fast, ref):
+        np.testing.assert_array_equal(a, b)    # one update rule; only the threading differs
 
 
 def test_adamw_defaults_are_torch_defaults():

@@ -96,7 +96,7 @@ def test_minilora_adapter_loads_in_peft(base_dir, tmp_path, kw):
 def test_long_inputs_use_the_merged_weight_path_and_still_match_peft(base_dir, tmp_path):
     """With batch·seq >= the layer widths, LoraLinear computes x·(W0 + ΔW)ᵀ in one GEMM (training
     speed); it must still give PEFT's logits, and so must the module-by-module form."""
-    from minilora.lora import LoraLinear
+    from minilora import settings
     long_ids = np.random.default_rng(6).integers(0, 259, size=(4, 30))   # 120 rows >= 48
     model = get_peft_model(mini_base(base_dir), MiniLoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                target_modules="all-linear"))
@@ -105,11 +105,8 @@ def test_long_inputs_use_the_merged_weight_path_and_still_match_peft(base_dir, t
     with torch.no_grad():
         want = hf(torch.from_numpy(long_ids)).logits.numpy()
     assert_close(model(long_ids).numpy(), want)
-    LoraLinear.fused = False
-    try:
+    with settings.reference():       # the module form
         assert_close(model(long_ids).numpy(), want)
-    finally:
-        LoraLinear.fused = True
 
 
 def test_peft_adapter_loads_in_minilora(base_dir, tmp_path):

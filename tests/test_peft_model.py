@@ -311,6 +311,30 @@ def test_weighted_cat_is_exact(rslora):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mix." in n)
 
 
+def test_combined_rslora_adapter_runs_with_its_own_scale_in_both_forms():
+    """add_weighted_adapter gives the new adapter α = r and no rsLoRA: scaling[name] = 1, set once.
+    The fused op reads that number (it does not recompute a scale from r and α), so its logits equal
+    the module form's and the merged model's. A scale that disagreed would move the logits by a
+    sizeable fraction; float32 rounding moves them by a few ulps of their largest value per layer
+    (K <= 64 terms each), far below the 64·eps·max|logit| allowed here."""
+    from minilora import settings
+    model = _two_adapters(4, 3, rslora=True)
+    model.add_weighted_adapter(["default", "b"], [0.7, -1.3], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    assert all(layer.scaling["mix"] == 1.0 for _, layer in model.lora_layers())
+    x = ids(B=4, T=8)                      # 32 rows: the fused op uses the merged weight
+    fused = logits(model, x)
+    with settings.reference():
+        plain = logits(model, x)
+    with model.disable_adapter():
+        base = logits(model, x)
+    model.merge_adapter()
+    merged = logits(model, x)
+    tol = 64 * EPS32 * np.abs(plain).max()
+    assert np.abs(fused - plain).max() <= tol and np.abs(merged - plain).max() <= tol
+    assert np.abs(plain - base).max() > 100 * tol       # the adapter does change the logits
+
+
 def _rel_err(model, w, name):
     d0, d1, mix = _deltas(model, "default"), _deltas(model, "b"), _deltas(model, name)
     num = sum(np.sum((mix[n] - (w[0] * d0[n] + w[1] * d1[n])) ** 2) for n in mix)

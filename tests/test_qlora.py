@@ -9,7 +9,7 @@ with K <= 512 and O(1) inputs that is below 1e-5 absolute, which the comparisons
 import numpy as np
 import pytest
 
-from minilora import Tensor, backend
+from minilora import Tensor, backend, settings
 from minilora import functional as F
 from minilora.lora import LoraConfig, LoraLinear, get_peft_model
 from minilora.lora import merge as merge_math
@@ -324,35 +324,36 @@ def test_get_peft_model_quantize_errors():
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("batch", [(2, 5), (4, 32)], ids=["side-path", "merged-weight"])
-def test_lora_on_a_4bit_base_equals_lora_on_its_dequantized_float_weight(fused, batch, monkeypatch):
+def test_lora_on_a_4bit_base_equals_lora_on_its_dequantized_float_weight(fused, batch):
     """The same adapter (random A and B) on NF4Linear and on a float Linear holding dequant(W0):
     outputs and the gradients of A, B and x agree to float32 rounding. With 128 rows the fused op
-    multiplies by the merged weight dequant(W0) + ΔW instead of running the side path."""
-    monkeypatch.setattr(LoraLinear, "fused", fused)
-    lin = Linear(96, 48)
-    q = NF4Linear.from_linear(lin, double_quant=True)
-    f = q.to_linear()
-    layers = []
-    for base in (q, f):
-        layer = LoraLinear(base, "probe")
-        backend.manual_seed(3)
-        layer.update_layer("default", r=4, lora_alpha=8, init_lora_weights=False)
-        layer.set_adapter("default")
-        layer.lora_A["default"].requires_grad_(True)
-        layer.lora_B["default"].requires_grad_(True)
-        layers.append(layer)
-    rng = np.random.default_rng(0)
-    x0 = rng.standard_normal((*batch, 96)).astype(np.float32)
-    g = rng.standard_normal((*batch, 48)).astype(np.float32)
-    out = []
-    for layer in layers:
-        x = Tensor(dev(x0.copy()), requires_grad=True)
-        y = layer(x)
-        y.backward(g)
-        out.append((y.numpy(), host(x.grad), host(layer.lora_A["default"].weight.grad),
-                    host(layer.lora_B["default"].weight.grad)))
-    for a, b in zip(*out):
-        np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
+    multiplies by the merged weight dequant(W0) + ΔW instead of running the side path; in reference
+    mode (fused=False) both layers run the module form."""
+    with settings.reference(not fused):
+        lin = Linear(96, 48)
+        q = NF4Linear.from_linear(lin, double_quant=True)
+        f = q.to_linear()
+        layers = []
+        for base in (q, f):
+            layer = LoraLinear(base, "probe")
+            backend.manual_seed(3)
+            layer.update_layer("default", r=4, lora_alpha=8, init_lora_weights=False)
+            layer.set_adapter("default")
+            layer.lora_A["default"].requires_grad_(True)
+            layer.lora_B["default"].requires_grad_(True)
+            layers.append(layer)
+        rng = np.random.default_rng(0)
+        x0 = rng.standard_normal((*batch, 96)).astype(np.float32)
+        g = rng.standard_normal((*batch, 48)).astype(np.float32)
+        out = []
+        for layer in layers:
+            x = Tensor(dev(x0.copy()), requires_grad=True)
+            y = layer(x)
+            y.backward(g)
+            out.append((y.numpy(), host(x.grad), host(layer.lora_A["default"].weight.grad),
+                        host(layer.lora_B["default"].weight.grad)))
+        for a, b in zip(*out):
+            np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
 
 
 @pytest.mark.interop

@@ -128,12 +128,14 @@ def test_pretrain_command_mixes_copy_drills_and_records_the_fraction(tmp_path, c
     assert "--copy-fraction must be in [0, 1)" in err and "\n" not in err
 
 
+@pytest.mark.fast_path
 def test_two_threads_train_the_same_model_as_one(monkeypatch):
-    """The loop splits each batch over the CPU threads (data_parallel) when each micro-batch gets at
+    """The loop wraps the model in DataParallel and splits each batch over the CPU threads when each
+    micro-batch gets at
     least MIN_TOKENS_PER_MICRO_BATCH tokens; with one thread it runs the plain step. Same seed, same
     batches: the losses agree to float32 rounding over five AdamW steps (the gradients differ only
     in summation order; measured: 0 or 1 ulp of the loss, ~7e-8)."""
-    from minilora.data_parallel import MIN_TOKENS_PER_MICRO_BATCH
+    from minilora.settings import MIN_TOKENS_PER_MICRO_BATCH
     T = 128
     B = 2 * MIN_TOKENS_PER_MICRO_BATCH // T
 
@@ -150,3 +152,56 @@ def test_two_threads_train_the_same_model_as_one(monkeypatch):
     one, two = run(1), run(2)
     assert one != two                                   # the split really ran (other rounding)
     np.testing.assert_allclose(two, one, rtol=1e-6)     # 16 float32 ulps
+
+
+def _losses_and_weights(data_parallel):
+    backend.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG))
+    opt = AdamW(model.parameters(), lr=1e-2)
+    hist = train(model, random_batch, opt, steps=3, progress=False, seed=5,
+                 data_parallel=data_parallel)
+    return [h["loss"] for h in hist], {n: p.data.copy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.fast_path
+def test_data_parallel_true_splits_even_small_batches_and_trains_the_same_model(monkeypatch):
+    """data_parallel=True splits every batch (here 4 x 8 tokens, far below the default minimum)
+    over the threads; False never does. Three AdamW steps agree to float32 rounding: the split only
+    sums the same products in another order (a few ulps of the gradient), which AdamW's division
+    by sqrt(v) carries into the update at the same relative size; 1e-5 is ~100 float32 ulps."""
+    from minilora import data_parallel as DP
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    made = []
+    monkeypatch.setattr(DP, "replicate", lambda m, _r=DP.replicate: made.append(1) or _r(m))
+    plain, w_plain = _losses_and_weights(False)
+    assert made == []
+    split, w_split = _losses_and_weights(True)
+    assert len(made) == 3 * 2                          # two replicas a step
+    assert plain != split                              # it really ran split (other rounding)
+    np.testing.assert_allclose(split, plain, rtol=1e-6)
+    for name in w_plain:
+        np.testing.assert_allclose(w_split[name], w_plain[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_default_data_parallel_is_off_in_reference_mode_and_with_one_thread(monkeypatch):
+    """None means "when it helps": never in reference mode, never with one thread (the wrapper
+    would be the plain call anyway, so the loop does not build it)."""
+    import minilora
+    from minilora import train as train_module
+    built = []
+    real = train_module.DataParallel
+    monkeypatch.setattr(train_module, "DataParallel", lambda *a, **k: built.append(1) or real(*a, **k))
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    with minilora.reference():
+        _losses_and_weights(None)
+    assert built == []
+    with minilora.reference(False):                   # the fast path, whatever the environment
+        monkeypatch.setenv("MINILORA_NUM_THREADS", "1")
+        _losses_and_weights(None)
+        assert built == []
+        monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+        _losses_and_weights(None)
+        assert built == [1]
+    with pytest.raises(ValueError, match="data_parallel must be None, True or False"):
+        train(tiny_model(), random_batch, AdamW(tiny_model().parameters()), steps=1, progress=False,
+              data_parallel="yes")

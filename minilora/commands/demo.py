@@ -112,7 +112,8 @@ def save_loss_plot(history, path) -> bool:
 def run(args) -> int:
     from ..data import ByteTokenizer, encode_prompt, make_instruction_dataset
     from .finetune import _targets, exact_match_accuracy, lora_finetune, per_family_accuracy
-    from ..lora import LoraConfig, LoraLinear
+    from .. import settings
+    from ..lora import LoraConfig
     from ..lora.io import adapter_size_bytes
     from ..models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
 
@@ -171,11 +172,8 @@ def run(args) -> int:
     probe = np.array([p[:n] for p in prompts])                  # (examples, shortest prompt)
     # unmerged: the equation term by term, W0·x + (α/r)·B·(A·x), module by module (LoraLinear's
     # fused op may already use the merged weight for long inputs, which would make this check vacuous)
-    LoraLinear.fused = False
-    try:
+    with settings.reference():
         unmerged = model(probe).numpy()
-    finally:
-        LoraLinear.fused = True
     model.merge_adapter()
     merged = model(probe).numpy()
     model.unmerge_adapter()

@@ -1,11 +1,14 @@
 """CUDA kernels of minilora's own for the fused row ops: softmax, log-softmax, cross-entropy, RMSNorm.
 
-The formulas are ``functional``'s: softmax shifted by the row max so exp never overflows,
-cross-entropy through logsumexp, RMSNorm as in Zhang & Sennrich (2019), each with its hand-derived
-backward.
+A fast twin, one level below ``fast/functional.py``: the kernels compute what the references
+``functional.softmax``, ``log_softmax``, ``cross_entropy`` and ``rms_norm`` compute (softmax shifted by
+the row max so exp never overflows, cross-entropy through logsumexp, RMSNorm as in Zhang & Sennrich
+(2019)), with the hand-derived backwards of ``fast/functional.py``. ``tests/test_cuda_kernels.py``
+checks them against float64 references within float32 error bounds. What they buy on a GPU has not
+been measured yet: ``benchmarks/gpu.py`` times each against the generic CuPy code and the composite.
 
 On the GPU, the generic array spelling of a softmax (max, subtract, exp, sum, divide) is five kernel
-launches, each reading and writing a full (N, C) array. Here each fused op of ``functional`` is one
+launches, each reading and writing a full (N, C) array. Here each fused op is one
 kernel per direction that keeps a whole row inside one thread block: the block reads the row, reduces
 it (max, sum) in registers and shared memory, and writes the result once. The reductions are the
 standard two-level tree: a warp sums its 32 values with register shuffles (``__shfl_xor_sync``), the
@@ -31,8 +34,10 @@ Conventions shared by every kernel here:
 
 The kernel sources are module constants (``tests/test_cuda_kernels.py`` compiles each one with
 ``nvcc``), compiled once by CuPy's ``RawKernel`` through ``minilora.backend`` (the only module that
-imports CuPy) on first use. The ``*_cuda`` functions take and return CuPy arrays; ``functional``
-calls them for float32 CuPy inputs and builds the autograd graph around them.
+imports CuPy) on first use. The ``*_cuda`` functions take and return CuPy arrays;
+``fast/functional.py`` calls them where ``applies`` says so (float32 CuPy inputs,
+``settings.USE_CUDA_KERNELS`` on, outside ``minilora.reference()``) and builds the autograd graph
+around them.
 """
 from __future__ import annotations
 
@@ -40,9 +45,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 
-__all__ = ["MAX_THREADS", "SOURCES", "block_threads", "kernel",
+__all__ = ["MAX_THREADS", "SOURCES", "applies", "block_threads", "kernel",
            "softmax_forward_cuda", "softmax_backward_cuda",
            "log_softmax_forward_cuda", "log_softmax_backward_cuda",
            "cross_entropy_forward_cuda", "cross_entropy_backward_cuda",
@@ -51,6 +56,16 @@ __all__ = ["MAX_THREADS", "SOURCES", "block_threads", "kernel",
 WARP = 32
 MAX_THREADS = 256    # threads per block (per row); a power of two, at most 1024 (32 warps)
 _MAX_COLUMNS = 2**31 - 1 - 1024   # the kernels index columns with int: j + blockDim must not overflow
+
+
+def applies(*arrays) -> bool:
+    """True when a row op on these arrays should run as minilora's CUDA kernels: the switch
+    ``settings.USE_CUDA_KERNELS`` is on (read at each call), ``minilora.reference()`` is off, and all
+    the arrays are non-empty float32 CuPy arrays. The caller checks that the op reduces over the
+    last axis."""
+    return (settings.USE_CUDA_KERNELS and not settings.reference_mode()
+            and all(backend.get_xp(a) is not np and a.dtype == np.float32 and a.size > 0
+                    and a.ndim > 0 for a in arrays))
 
 
 def block_threads(C: int) -> int:
@@ -173,7 +188,7 @@ extern "C" __global__ void minilora_log_softmax_backward(const float* __restrict
 """
 
 # Per row: lse = log(sum(exp(z - max))) + max and nll = (lse - z[t]) * valid, valid = t != ignore,
-# exactly functional.cross_entropy's formula (an ignored row reads column 0 and is multiplied by 0).
+# exactly the formula of fast/functional.py's cross_entropy (an ignored row reads column 0 and is multiplied by 0).
 # The target is bounds-checked on the host first; safe_t keeps even a bad one inside the row.
 CROSS_ENTROPY_FORWARD_SOURCE = _ROW_REDUCE + r"""
 extern "C" __global__ void minilora_cross_entropy_forward(const float* __restrict__ z,
@@ -413,7 +428,7 @@ def rms_norm_forward_cuda(x, w, eps: float):
 def rms_norm_backward_cuda(x, w, r, g):
     """dx (N, C) of RMSNorm from the input x (N, C), weight w (C,) or None, the forward's r (N,) and
     the upstream gradient g (N, C). (dw = sum over rows of g * x * r is left to the caller: a column
-    sum across rows does not fit one block per row; ``functional.rms_norm`` uses CuPy's einsum.)"""
+    sum across rows does not fit one block per row; ``fast/functional.py``'s ``rms_norm`` uses CuPy's einsum.)"""
     x, g = _pair(x, g, "rms_norm backward")
     N, C = x.shape
     xp = backend.get_xp(x)

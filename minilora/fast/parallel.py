@@ -1,18 +1,22 @@
-"""CPU threads for the fused kernels: split the rows of an op across cores.
+"""CPU threads for the fast twins: split the rows of an op across cores.
 
 NumPy runs each elementwise call on one core, while PyTorch spreads it over all of them. The fused
-ops of ``functional`` (SwiGLU, RMSNorm, RoPE, attention) therefore cut their work into row chunks and
-run the chunks in a small pool of Python threads: NumPy releases the GIL inside every ufunc and
-matmul, so the chunks really run in parallel. Each chunk is independent (rows of a norm, batch
-elements of attention), so the result is bit-identical to the single-threaded one.
+ops of ``fast/functional.py`` (SwiGLU, RMSNorm, RoPE, the Linear GEMMs), ``fast/attention.py`` and
+a few others (NF4, the LoRA op, AdamW) therefore cut their work into row chunks and run the chunks
+in a small pool of Python threads: NumPy releases the GIL inside every ufunc and matmul, so the
+chunks really run in parallel. Each chunk is independent (rows of a norm, batch elements of
+attention), so the row ops give results bit-identical to the single-threaded ones
+(``tests/test_functional_fused.py``, ``test_threaded_kernels_are_bit_identical``).
 
 A batched matmul of many small matrices (attention's q k^T per head) is a loop of small BLAS calls
 whose own threading is mostly synchronisation cost, and which collapses when another process holds
 a core; inside a parallel region BLAS is held to one thread (``threadpoolctl``, when installed).
 
-On CuPy, and with ``MINILORA_NUM_THREADS=1``, everything runs as one chunk in the calling thread;
-so does a thread inside ``single_threaded()``: ``data_parallel`` runs whole micro-batches in these
-threads, each keeping its own ops in one chunk.
+On CuPy, with ``MINILORA_NUM_THREADS=1`` and inside ``minilora.reference()``, everything runs as one
+chunk in the calling thread; so does a thread inside ``single_threaded()``: ``data_parallel`` runs
+whole micro-batches in these threads, each keeping its own ops in one chunk. The thresholds and the
+default thread count are ``settings.MIN_PARALLEL_ELEMENTS``, ``MIN_PARALLEL_MACS`` and
+``DEFAULT_MAX_THREADS`` (their reasons are written there), read at each call.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-MIN_PARALLEL_ELEMENTS = 1 << 16   # below this, a thread hand-off costs more than it saves
+from .. import settings
 
 _pool = None
 _blas_controller = None
@@ -31,9 +35,9 @@ _local = threading.local()       # .single: this thread keeps its ops in one chu
 
 
 def num_threads() -> int:
-    """Threads for the CPU kernels: $MINILORA_NUM_THREADS, else min(2, CPU count); 1 inside
-    ``single_threaded()``."""
-    if getattr(_local, "single", False):
+    """Threads for the CPU kernels: $MINILORA_NUM_THREADS, else min(settings.DEFAULT_MAX_THREADS,
+    CPU count); 1 inside ``single_threaded()`` and inside ``minilora.reference()``."""
+    if settings.reference_mode() or getattr(_local, "single", False):
         return 1
     env = os.environ.get("MINILORA_NUM_THREADS")
     if env:
@@ -41,7 +45,7 @@ def num_threads() -> int:
             return max(1, int(env))
         except ValueError:
             raise ValueError(f"MINILORA_NUM_THREADS={env!r} is not an integer; set it to e.g. 2") from None
-    return max(1, min(2, _CPU_COUNT))
+    return max(1, min(settings.DEFAULT_MAX_THREADS, _CPU_COUNT))
 
 
 def _blas_libs() -> list:
@@ -174,17 +178,15 @@ def run_chunks(fn, chunks: list, blas_one_thread: bool = False) -> list:
 def split_rows(n_rows: int, work: int, xpmod, min_work: int | None = None) -> list:
     """Slices of ``range(n_rows)``, one per thread, for ``work`` units (numbers touched, or
     multiply-adds); a single ``slice(None)`` on the GPU, with one thread, or when the work is below
-    ``min_work`` (default ``MIN_PARALLEL_ELEMENTS``), too small to be worth a thread hand-off."""
+    ``min_work`` (default ``settings.MIN_PARALLEL_ELEMENTS``), too small to be worth a thread
+    hand-off."""
     n = num_threads()
-    min_work = MIN_PARALLEL_ELEMENTS if min_work is None else min_work
+    min_work = settings.MIN_PARALLEL_ELEMENTS if min_work is None else min_work
     if xpmod is not np or n < 2 or n_rows < 2 or work < min_work:
         return [slice(None)]
     n = min(n, n_rows)
     bounds = [(i * n_rows + n // 2) // n for i in range(n + 1)]   # n near-equal parts (plain ints:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]  # ~400 calls a step)
-
-
-MIN_PARALLEL_MACS = 1 << 21      # multiply-adds below which a matmul is not split
 
 
 def matmul(a, b, out=None):
@@ -195,7 +197,7 @@ def matmul(a, b, out=None):
     M, K = a.shape
     N = b.shape[1]
     xpmod = np if isinstance(a, np.ndarray) else None
-    chunks = split_rows(M, M * K * N, xpmod, MIN_PARALLEL_MACS)
+    chunks = split_rows(M, M * K * N, xpmod, settings.MIN_PARALLEL_MACS)
     if len(chunks) == 1 or not can_hold_blas():
         return a @ b if out is None else matmul_into(a, b, out)
     if out is None:

@@ -1,10 +1,11 @@
 """LoRA (Hu et al., 2021): frozen base weights plus trainable low-rank updates ΔW = (α/r)·B·A.
 
-PEFT's API and file format (reference/peft-format.md), built from scratch:
+PEFT's API and file format (Hugging Face PEFT 0.21: its documentation and source), from scratch:
 
 - ``LoraConfig``: r, lora_alpha, target_modules, lora_dropout, bias, use_rslora, init_lora_weights, ...
 - ``get_peft_model(model, config)`` -> ``PeftModel``: inject, freeze, merge, switch, save, load.
 - ``LoraLinear``: the layer, h = W0·x + (α/r)·B·(A·x), with A: (r, in) and B: (out, r).
+- ``fused``: the same layer as one autograd op (``lora_linear``), its fast twin.
 - ``merge``: the formula one step at a time (scaling, delta weight, merge, unmerge, trace).
 - ``add_weighted_adapter``: combine adapters ("cat" exact, "svd" / "linear" approximate).
 """

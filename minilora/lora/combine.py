@@ -2,8 +2,8 @@
 
 Given adapters with updates ΔW_i = s_i·B_i·A_i (s_i = α_i/r_i) and weights w_i, the target is the
 weighted sum ΔW = Σ w_i·ΔW_i, stored as a new LoRA pair (A, B) with α = r, so its scaling is 1.
-Three ways, as in PEFT (peft 0.21, ``LoraModel.add_weighted_adapter``); the measured errors are in
-reference/peft-format.md:
+Three ways, as in PEFT (peft 0.21, ``LoraModel.add_weighted_adapter``); tests/test_peft_interop.py
+checks each against PEFT's own result:
 
 * "cat" — **exact**. Stack the A's (each times w_i·s_i) as rows and the B's as columns:
   A = [w_1 s_1 A_1; w_2 s_2 A_2; ...] (Σr_i, in), B = [B_1, B_2, ...] (out, Σr_i); then

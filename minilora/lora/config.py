@@ -2,7 +2,7 @@
 
 The fields, their meanings and the JSON written to ``adapter_config.json`` follow Hugging Face PEFT's
 ``LoraConfig`` (peft 0.21), so a config written here is read by PEFT and the reverse
-(reference/peft-format.md). The hyperparameters of the LoRA paper (Hu et al., 2021):
+(PEFT's ``LoraConfig`` documentation). The hyperparameters of the LoRA paper (Hu et al., 2021):
 
 * ``r``: the rank of the update ΔW = B·A, with A: (r, in_features) and B: (out_features, r);
 * ``lora_alpha``: the update is scaled by α/r (α/√r with ``use_rslora``, Kalajdzievski 2023), so that

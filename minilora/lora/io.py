@@ -2,7 +2,7 @@
 
 An adapter is tiny next to its base model (r·(in + out) numbers per adapted layer), so it is saved on
 its own and loaded onto any copy of the same base. The layout is Hugging Face PEFT's
-(reference/peft-format.md), so files move both ways between minilora and PEFT:
+(``adapter_config.json`` + ``adapter_model.safetensors``), so files move both ways between minilora and PEFT:
 
 * tensor keys are the in-memory parameter names with the adapter name removed:
   ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` is stored as
@@ -29,6 +29,7 @@ from ..fileio import save_safetensors_atomic, write_text_atomic
 from ..models.hf_io import CheckpointError, load_safetensors
 from .config import LoraConfig
 from .layer import LoraLinear, ModulesToSaveWrapper
+from .targets import plan_injection
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -225,7 +226,6 @@ def from_pretrained(cls, model, directory, adapter_name: str = "default", is_tra
     if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
         raise ValueError("the model already contains LoRA layers; call load_adapter on its PeftModel "
                          "instead of PeftModel.from_pretrained")
-    from .model import plan_injection
     resolved, lora_names, saved = plan_injection(model, config)
     _check_against_model(model, resolved, tensors, directory, lora_names, saved)
     peft_model = cls(model, config, adapter_name)

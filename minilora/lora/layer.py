@@ -2,27 +2,31 @@
 
 Hu et al. (2021), "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1. A pretrained
 weight W0 (out_features, in_features) stays frozen; the adapter learns A (r, in_features) and
-B (out_features, r), with r much smaller than either dimension. The forward pass never forms the
-(out, in) product B·A: x is squeezed to r numbers by A and expanded again by B, which costs
-r·(in + out) multiply-adds per token instead of in·out.
+B (out_features, r), with r much smaller than either dimension.
 
-Shapes and names follow PEFT (reference/peft-format.md), so that parameter names in memory read
+``LoraLinear.forward`` is the reference: the equation written with modules, PEFT's form,
+``result = base_layer(x)`` then ``result = result + lora_B(lora_A(dropout(x))) * scaling`` for each
+active adapter. It never forms the (out, in) product B·A: x is squeezed to r numbers by A and
+expanded again by B, which costs r·(in + out) multiply-adds per token instead of in·out.
+
+Its fast twin is ``lora/fused.py`` (``lora_linear``): the same equation as one autograd node, which
+keeps fewer activation arrays and, for a training batch, DOES form W0 + B·A because one GEMM with
+the merged weight is then cheaper; that module's docstring says what each buys. ``forward`` calls it
+when one adapter is active on a plain or 4-bit Linear, outside ``minilora.reference()``; both take
+the scale from ``scaling[name]``, the one number ``lora.merge.scaling`` computed for the adapter.
+
+Shapes and names follow PEFT's ``LoraLayer``, so that parameter names in memory read
 ``...q_proj.base_layer.weight``, ``...q_proj.lora_A.default.weight``, ``...q_proj.lora_B.default.weight``:
 
 * ``base_layer``: the original Linear, its weight frozen (``requires_grad=False``), so autograd never
-  computes dL/dW0: the matmul that would produce it is skipped (tensor.py), and no optimizer state
+  computes dL/dW0: the matmul that would produce it is skipped (autograd.py), and no optimizer state
   exists for it;
 * ``lora_A[name]``: Linear(in_features -> r), weight (r, in_features);
 * ``lora_B[name]``: Linear(r -> out_features), weight (out_features, r);
 * several named adapters can live side by side; ``active_adapters`` says which ones run.
 
-Merging folds ΔW = (α/r)·B·A into W0 so that inference costs nothing extra; unmerging subtracts it.
-Both call ``lora/merge.py`` (the one place the formula is written).
-
-``lora_linear`` is the same layer as a single autograd op with a hand-written backward (a "fused"
-op, like those in ``functional.py``): the module-by-module form keeps three extra (batch, seq, out)
-arrays per layer alive until backward, which made LoRA training use *more* activation memory than
-full fine-tuning of a small model; the fused op keeps none. Tests check the two forms agree.
+Merging folds ΔW = scaling·B·A into W0 so that inference costs nothing extra; unmerging subtracts
+it. Both call ``lora/merge.py`` (the one place the formula is written).
 
 Also here: ``ModulesToSaveWrapper`` (PEFT's way of training a whole module, e.g. ``lm_head``, next to
 the adapters) and ``ModuleDict`` (named submodules that never collide with method names).
@@ -31,106 +35,12 @@ from __future__ import annotations
 
 import copy
 
-from .. import backend
+from .. import backend, settings
 from .. import functional as F
 from ..nn import Linear, Module, Parameter, init_normal
-from ..ops import as_tensor
-from ..fast.parallel import blas_single_thread, matmul  # matmul: rows split across CPU threads
-from ..tensor import Tensor, is_grad_enabled
+from ..tensor import Tensor
 from . import merge as merge_math
-
-
-# The merged weight W0 + ΔW (out, in) is kept from forward for the backward when out <= this
-# fraction of the rows N: then it is at most that fraction of the input x, which the layer keeps
-# anyway. Larger ones are formed again in backward, so that a big model does not hold a weight-sized
-# array per layer until then.
-KEEP_MERGED_WEIGHT = 0.25
-
-
-def lora_linear(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, lora_alpha: float,
-                r: int, use_rslora: bool = False, dropout_p: float = 0.0,
-                training: bool = False) -> Tensor:
-    """h = x·W0ᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ as ONE autograd node (the LoRA layer, fused), s = α/r.
-
-    The same equation as ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``, but the module
-    form keeps three (batch, seq, out) arrays alive per layer until backward (B's output, the scaled
-    copy and the sum); this op keeps only its output and the small (N, r) product u = dropout(x)·Aᵀ.
-    Shapes: x (..., in) viewed as (N, in) with N = batch·seq, W0 (out, in), A (r, in), B (out, r).
-
-    Two ways to compute the same h, whichever is cheaper (they differ only by float rounding):
-    * the side path, x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: two thin GEMMs plus a pass over an (N, out) array;
-    * without dropout, h = x·(W0 + ΔW)ᵀ with the merged weight from ``merge.merge_weight``: forming
-      ΔW = s·B·A costs out·in·r multiply-adds, less than the side path's extra work once N is at
-      least max(in, out), as in any training batch (N = batch·seq in the thousands). The backward
-      needs it again for dL/dx: it is kept when out <= N / 4 (``KEEP_MERGED_WEIGHT``: then it is
-      at most a quarter of the input the layer keeps anyway), and recomputed otherwise (for a
-      4-bit base that means dequantizing it a second time).
-
-    Backward, with g = dL/dh (N, out):
-      dL/dB = s·gᵀu            (out, r)     dL/dA = (s·g·B)ᵀ·dropout(x)   (r, in)
-      dL/dx = g·W0 + mask ⊙ (s·g·B)·A   (side path)   or   g·(W0 + ΔW)   (merged weight)
-      dL/dW0 = gᵀx, dL/db = Σ g: computed only when they require grad, i.e. never for a frozen base.
-    """
-    x = as_tensor(x, weight)
-    xpmod = backend.get_xp(x.data)
-    X = x.data
-    in_f, out_f = weight.shape[1], weight.shape[0]
-    X2 = X.reshape(-1, in_f)                                   # (..., in) -> (N, in)
-    N = X2.shape[0]
-    s = X2.dtype.type(merge_math.scaling(lora_alpha, r, use_rslora))
-    keep = None
-    Xd = X2
-    if training and dropout_p > 0.0:
-        keep = backend.random_uniform(X2.shape, xpmod, X2.dtype) >= dropout_p  # (N, in) bool
-        Xd = X2 * (keep * X2.dtype.type(1.0 / (1.0 - dropout_p)))             # inverted dropout
-    use_merged = keep is None and N >= max(in_f, out_f)
-    keep_merged = use_merged and out_f <= KEEP_MERGED_WEIGHT * N
-
-    def merged_weight():                                       # W0 + s·B·A, (out, in)
-        # a small product: one BLAS thread, so that no BLAS threads are left spinning next to
-        # parallel.matmul's workers
-        with blas_single_thread():
-            return merge_math.merge_weight(weight.data, lora_A.data, lora_B.data, lora_alpha, r,
-                                           use_rslora)
-
-    u = w_kept = None
-    if use_merged:
-        w_merged = merged_weight()                             # (out, in)
-        h = matmul(X2, w_merged.T)                             # (N, in) @ (in, out) -> (N, out)
-        w_kept = w_merged if keep_merged else None
-        if lora_B.requires_grad and is_grad_enabled():
-            u = matmul(X2, lora_A.data.T)                      # (N, in) @ (in, r): kept for dL/dB
-    else:
-        u = matmul(Xd, lora_A.data.T)                          # (N, in) @ (in, r) -> (N, r)
-        h = matmul(X2, weight.data.T)                          # (N, in) @ (in, out) -> (N, out)
-        h += matmul(u * s, lora_B.data.T)                      # (N, r) @ (r, out): the low-rank path
-    if bias is not None:
-        h += bias.data
-    parents = (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())
-    out = Tensor._result(h.reshape(*X.shape[:-1], out_f), parents, "lora_linear")  # (..., out)
-
-    def _backward():
-        g = out.grad.reshape(-1, out_f)                        # (N, out)
-        gu = matmul(g, lora_B.data) * s                        # (N, out) @ (out, r) -> (N, r)
-        if lora_B.requires_grad:
-            lora_B._accum(matmul(g.T, u) * s, fresh=True)      # (out, N) @ (N, r) -> (out, r)
-        if lora_A.requires_grad:
-            lora_A._accum(matmul(gu.T, Xd), fresh=True)        # (r, N) @ (N, in) -> (r, in)
-        if x.requires_grad:
-            if use_merged:   # (N, out) @ (out, in) -> (N, in)
-                gx = matmul(g, w_kept if w_kept is not None else merged_weight())
-            else:
-                gx = matmul(gu, lora_A.data)                   # (N, r) @ (r, in) -> (N, in)
-                if keep is not None:
-                    gx *= keep * X2.dtype.type(1.0 / (1.0 - dropout_p))
-                gx += matmul(g, weight.data)                   # (N, out) @ (out, in) -> (N, in)
-            x._accum(gx.reshape(X.shape), fresh=True)
-        if weight.requires_grad:                               # skipped for a frozen W0
-            weight._accum(matmul(g.T, X2), fresh=True)         # (out, N) @ (N, in) -> (out, in)
-        if bias is not None and bias.requires_grad:
-            bias._accum(g.sum(axis=0), fresh=True)
-    out._set_backward(_backward)
-    return out
+from .fused import lora_linear
 
 
 class ModuleDict(Module):
@@ -187,7 +97,8 @@ def is_quantized_base(module) -> bool:
     LoRA uses only these methods of it (duck-typed: lora/ knows nothing of quant/'s internals):
     ``dequantized_weight()`` -> float (out, in) array (a copy), ``replace_weight(W)`` -> store W
     re-quantized and return the error that rounding added, ``to_linear()`` -> a float ``Linear``,
-    and ``transient_weight()`` -> a weight handle whose ``.data`` dequantizes on each read.
+    and ``transient_weight()`` -> a frozen weight handle whose ``dequantize()`` call gives W (the
+    fused op's way to read W0 without a lasting float copy).
     """
     return callable(getattr(module, "dequantized_weight", None)) and \
         callable(getattr(module, "replace_weight", None))
@@ -198,15 +109,14 @@ class LoraLinear(Module):
 
     Convention (PEFT's and the paper's): ``lora_A[name].weight`` is (r, in_features) and
     ``lora_B[name].weight`` is (out_features, r); ΔW = scaling · B @ A has the shape of W0,
-    (out_features, in_features). ``scaling[name]`` is α/r (α/√r with rsLoRA).
+    (out_features, in_features). ``scaling[name]`` is α/r (α/√r with rsLoRA), set once by
+    ``update_layer``; forward, the fused op and merging all read it from there.
 
-    ``forward`` is the equation written with modules (``base_layer(x) + lora_B(lora_A(x))·s``). When
-    one adapter is active on a plain Linear it runs the same equation as one fused autograd op
-    (``lora_linear``), which keeps 3 fewer activation arrays per layer; set ``LoraLinear.fused =
-    False`` to run the module-by-module form (the tests check both give the same numbers).
+    ``forward`` is the equation written with modules. Outside ``minilora.reference()``, when one
+    adapter is active on a plain or 4-bit Linear, it runs the same equation as one fused autograd
+    op (``lora/fused.py``), which keeps 3 fewer activation arrays per layer and may use the merged
+    weight (tests/test_lora_layer.py checks both give the same numbers).
     """
-
-    fused = True
 
     def __init__(self, base_layer: Module, module_name: str = ""):
         super().__init__()
@@ -302,7 +212,7 @@ class LoraLinear(Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x):
-        """h = W0·x + Σ_active (α/r)·B·(A·dropout(x)); only W0·x when merged or disabled."""
+        """h = W0·x + Σ_active scaling·B·(A·dropout(x)); only W0·x when merged or disabled."""
         if self.disable_adapters:
             if self.merged:  # the base weight holds ΔW: take it out so "disabled" means the base
                 self.unmerge()
@@ -310,22 +220,29 @@ class LoraLinear(Module):
         if self.merged:      # W0 already contains ΔW: running the side path would add it twice
             return self.base_layer(x)
         active = [name for name in self.active_adapters if name in self.lora_A]
-        base = self.base_layer
-        if self.fused and len(active) == 1 and (type(base) is Linear or is_quantized_base(base)):
-            # the equation below as one autograd node (lora_linear): same numbers, less memory. A
-            # 4-bit base hands over a weight that dequantizes when read (forward, then backward).
-            name = active[0]
-            weight = base.weight if type(base) is Linear else base.transient_weight()
-            return lora_linear(x, weight, base.bias,
-                               self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.lora_alpha[name], self.r[name], self.use_rslora[name],
-                               self.lora_dropout[name], self.training)
+        if not settings.reference_mode() and self._fusable(active):
+            return self._fused_forward(x, active[0])
         result = self.base_layer(x)                                    # (..., out)
         for name in active:
-            dropped = F.dropout(x, self.lora_dropout[name], self.training)  # (..., in)
-            # lora_A: (..., in) -> (..., r); lora_B: (..., r) -> (..., out)
-            result = result + self.lora_B[name](self.lora_A[name](dropped)) * self.scaling[name]
+            lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            dropped = F.dropout(x, self.lora_dropout[name], self.training)    # (..., in)
+            result = result + lora_B(lora_A(dropped)) * scaling   # (..., in) -> (..., r) -> (..., out)
         return result
+
+    def _fusable(self, active) -> bool:
+        """Can the fused op run this forward? One active adapter on a plain or 4-bit Linear (the
+        op knows those two weights; a Linear subclass may compute something else)."""
+        base = self.base_layer
+        return len(active) == 1 and (type(base) is Linear or is_quantized_base(base))
+
+    def _fused_forward(self, x, name: str):
+        """The fast twin of ``forward`` (``lora/fused.py``), with this adapter's ``scaling[name]``.
+        A 4-bit base hands over a handle the op dequantizes when it needs W0 (forward, backward)."""
+        base = self.base_layer
+        weight = base.weight if type(base) is Linear else base.transient_weight()
+        return lora_linear(x, weight, base.bias, self.lora_A[name].weight,
+                           self.lora_B[name].weight, self.scaling[name],
+                           self.lora_dropout[name], self.training)
 
     # ------------------------------------------------------------------ merging
     def _mergeable_weight(self):
@@ -357,15 +274,14 @@ class LoraLinear(Module):
         return w
 
     def get_delta_weight(self, adapter_name: str):
-        """ΔW = scaling · B @ A for one adapter: an (out_features, in_features) array."""
+        """ΔW = scaling[adapter_name] · B @ A for one adapter: an (out_features, in_features) array."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"{self.module_name or 'this layer'} has no adapter {adapter_name!r}; "
                              f"it has {list(self.lora_A)}")
-        return merge_math.delta_weight(self.lora_A[adapter_name].weight.data,   # (r, in)
-                                       self.lora_B[adapter_name].weight.data,   # (out, r)
-                                       self.lora_alpha[adapter_name], self.r[adapter_name],
-                                       self.use_rslora[adapter_name],
-                                       name=f"{self.module_name} ({adapter_name})")
+        return merge_math.delta_weight_scaled(self.lora_A[adapter_name].weight.data,   # (r, in)
+                                              self.lora_B[adapter_name].weight.data,   # (out, r)
+                                              self.scaling[adapter_name],
+                                              name=f"{self.module_name} ({adapter_name})")
 
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         """W0 += ΔW for each adapter (default: the active ones) not merged yet.
@@ -383,11 +299,10 @@ class LoraLinear(Module):
                     continue
                 if w is None:
                     w = self._mergeable_weight()
-                w.data = merge_math.merge_weight(w.data, self.lora_A[name].weight.data,
-                                                 self.lora_B[name].weight.data,
-                                                 self.lora_alpha[name], self.r[name],
-                                                 self.use_rslora[name], safe_merge=safe_merge,
-                                                 name=f"{self.module_name} ({name})")
+                w.data = merge_math.merge_weight_scaled(w.data, self.lora_A[name].weight.data,
+                                                        self.lora_B[name].weight.data,
+                                                        self.scaling[name], safe_merge=safe_merge,
+                                                        name=f"{self.module_name} ({name})")
                 self.merged_adapters.append(name)
         finally:
             if w is not None:
@@ -402,11 +317,10 @@ class LoraLinear(Module):
         try:
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                w.data = merge_math.unmerge_weight(w.data, self.lora_A[name].weight.data,
-                                                   self.lora_B[name].weight.data,
-                                                   self.lora_alpha[name], self.r[name],
-                                                   self.use_rslora[name],
-                                                   name=f"{self.module_name} ({name})")
+                w.data = merge_math.unmerge_weight_scaled(w.data, self.lora_A[name].weight.data,
+                                                          self.lora_B[name].weight.data,
+                                                          self.scaling[name],
+                                                          name=f"{self.module_name} ({name})")
         finally:
             self._store_weight(w)
 

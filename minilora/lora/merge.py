@@ -6,14 +6,16 @@ weight W0 and learns a low-rank update ΔW = B·A, scaled by α/r:
     h = W0·x + (α/r)·B·(A·x)            (what a LoRA layer computes, "unmerged")
     W = W0 + (α/r)·B·A                  (the same map folded into one matrix, "merged")
 
-Shapes follow PyTorch, Hugging Face and PEFT (reference/peft-format.md): a Linear weight is
+Shapes follow PyTorch, Hugging Face and PEFT: a Linear weight is
 (out_features, in_features), ``lora_A`` is (r, in_features) and ``lora_B`` is (out_features, r), so
 B @ A is (out, in) like W0. The LoRA paper writes W0 ∈ R^{d×k}, B ∈ R^{d×r}, A ∈ R^{r×k}: the same
 thing with d = out and k = in. rsLoRA (Kalajdzievski, 2023) replaces α/r by α/√r.
 
 Everything here works on plain arrays (NumPy or CuPy, whichever the inputs live in), with no autograd:
 the LoRA layer, the merge of a whole model, the notebooks and the article check all call these
-functions, so the formula exists in exactly one place. Low-precision inputs (float16, bfloat16) are
+functions, so the formula exists in exactly one place. ``scaling`` is computed once per adapter
+(``LoraLinear.update_layer`` keeps it in ``scaling[name]``); the ``*_scaled`` forms take that number
+as it is, so the layer's forward, its fused twin (``lora/fused.py``) and its merge all use one scale. Low-precision inputs (float16, bfloat16) are
 upcast to float32 for the delta, as PEFT does, and a float16 weight gets the delta added in float32
 and is rounded once.
 """
@@ -119,17 +121,24 @@ def _product(A, B, name=None):
     return B.astype(ct, copy=False) @ A.astype(ct, copy=False)  # (out, r) @ (r, in) -> (out, in)
 
 
-def delta_weight(A, B, lora_alpha: float, r: int, use_rslora: bool = False, name: str | None = None):
-    """ΔW = (B @ A) · scaling, shape (out, in), in float32 (float64 if an input is float64).
+def delta_weight_scaled(A, B, scale: float, name: str | None = None):
+    """ΔW = (B @ A) · scale, shape (out, in), in float32 (float64 if an input is float64).
 
     THE function merge and unmerge both call, and the LoRA layer too, so the formula lives here only.
+    ``scale`` is the adapter's ``scaling`` (see ``scaling``), passed as it is.
     """
+    ba = _product(A, B, name)     # a new array: scale it in place
+    ba *= ba.dtype.type(scale)    # in the compute dtype (a Python float would not widen it)
+    return ba
+
+
+def delta_weight(A, B, lora_alpha: float, r: int, use_rslora: bool = False, name: str | None = None):
+    """ΔW = (B @ A) · scaling(α, r), shape (out, in): ``delta_weight_scaled`` with the scale
+    computed from α and r (after checking that A and B have rank r)."""
     s = scaling(lora_alpha, r, use_rslora)
     xp = get_xp(A, B)
     check_lora_shapes(xp.asarray(A).shape, xp.asarray(B).shape, r=r, name=name)
-    ba = _product(A, B, name)     # a new array: scale it in place
-    ba *= ba.dtype.type(s)        # in the compute dtype (a Python float would not widen it)
-    return ba
+    return delta_weight_scaled(A, B, s, name)
 
 
 def _check_weight(W, what, xp):
@@ -139,12 +148,12 @@ def _check_weight(W, what, xp):
     return W
 
 
-def _apply_delta(W, A, B, lora_alpha, r, use_rslora, sign, safe_merge, name, what):
+def _apply_delta(W, A, B, scale, sign, safe_merge, name, what, r=None):
     xp = get_xp(W, A, B)
     W = _check_weight(W, what, xp)
     A, B = xp.asarray(A), xp.asarray(B)
     check_lora_shapes(A.shape, B.shape, W.shape, r=r, name=name)
-    delta = delta_weight(A, B, lora_alpha, r, use_rslora, name)  # (out, in)
+    delta = delta_weight_scaled(A, B, scale, name)  # (out, in)
     ct = np.promote_types(compute_dtype(W), delta.dtype)
     # add in the wide dtype, round to W's dtype once (float16 weights would lose the delta otherwise)
     wide = W.astype(ct, copy=False)
@@ -164,13 +173,25 @@ def merge_weight(W0, A, B, lora_alpha: float, r: int, use_rslora: bool = False,
     ``safe_merge=True`` checks the result and raises ValueError when it has NaN/Inf (PEFT's
     safe_merge); ``name`` (e.g. "model.layers.0.self_attn.q_proj") goes into error messages.
     """
-    return _apply_delta(W0, A, B, lora_alpha, r, use_rslora, +1, safe_merge, name, "W0")
+    return _apply_delta(W0, A, B, scaling(lora_alpha, r, use_rslora), +1, safe_merge, name, "W0",
+                        r=r)
 
 
 def unmerge_weight(W, A, B, lora_alpha: float, r: int, use_rslora: bool = False,
                    name: str | None = None):
     """W0 = W − ΔW: the inverse of ``merge_weight`` (exact up to rounding in W's dtype)."""
-    return _apply_delta(W, A, B, lora_alpha, r, use_rslora, -1, False, name, "W")
+    return _apply_delta(W, A, B, scaling(lora_alpha, r, use_rslora), -1, False, name, "W", r=r)
+
+
+def merge_weight_scaled(W0, A, B, scale: float, safe_merge: bool = False, name: str | None = None):
+    """W = W0 + scale·B·A as a new array of W0's dtype: ``merge_weight`` with the adapter's scaling
+    given as a number (what ``LoraLinear`` keeps in ``scaling[name]``)."""
+    return _apply_delta(W0, A, B, scale, +1, safe_merge, name, "W0")
+
+
+def unmerge_weight_scaled(W, A, B, scale: float, name: str | None = None):
+    """W0 = W − scale·B·A: the inverse of ``merge_weight_scaled``."""
+    return _apply_delta(W, A, B, scale, -1, False, name, "W")
 
 
 # ---------------------------------------------------------------- the trace, for notebooks
@@ -240,7 +261,7 @@ def merge_trace(W0, A, B, lora_alpha: float, r: int, x=None, use_rslora: bool = 
         steps += [
             ("W0x", "W0·x", h0, "the frozen layer's output h_base"),
             ("Ax", "A·x", ax, f"the input projected down to r={rank} numbers"),
-            ("BAx", "B·(A·x)", bax, "projected back up to out features (never forms the (out, in) B·A)"),
+            ("BAx", "B·(A·x)", bax, "projected back up to out features (this order never forms the (out, in) B·A)"),
             ("scaled", "B·(A·x)·scaling", scaled, "the adapter's contribution to h"),
             ("h_unmerged", "h = W0·x + B·(A·x)·scaling", h_unmerged, "the LoRA layer's output, unmerged"),
             ("h_merged", "h = (W0 + ΔW)·x", h_merged, "the same output from the merged weight"),

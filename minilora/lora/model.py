@@ -1,8 +1,9 @@
 """Injecting LoRA into a model from the outside: ``get_peft_model`` and ``PeftModel`` (PEFT's API).
 
-The model (``models/llama.py``) knows nothing about LoRA. ``get_peft_model`` walks its modules by
-dotted name, replaces every targeted ``Linear`` (``config.target_modules``) with a ``LoraLinear``
-that wraps it, and freezes everything except the adapter factors A and B (and, on request, biases
+The model (``models/llama.py``) knows nothing about LoRA. ``get_peft_model`` finds the targeted
+modules by dotted name (``config.target_modules``; the matching is ``lora/targets.py``), replaces each
+``Linear`` with a ``LoraLinear`` that wraps it (``Module.set_submodule``, which keeps its place among
+its siblings, so parameter order stays the model's own), and freezes everything except the adapter factors A and B (and, on request, biases
 and ``modules_to_save``). That is the whole trick of LoRA (Hu et al., 2021): the pretrained weights
 never change, only r·(in + out) new numbers per adapted layer are trained.
 
@@ -25,8 +26,11 @@ import re
 from contextlib import contextmanager
 
 from ..nn import Module
-from .config import DEFAULT_TARGET_MODULES, LoraConfig, matches
-from .layer import LoraLinear, ModulesToSaveWrapper, is_linear_like
+from . import io as adapter_io
+from .combine import add_weighted_adapter as _add_weighted_adapter
+from .config import LoraConfig
+from .layer import LoraLinear, ModulesToSaveWrapper
+from .targets import plan_injection
 
 
 def _check_adapter_name(name) -> str:
@@ -34,93 +38,6 @@ def _check_adapter_name(name) -> str:
         raise ValueError(f"adapter name {name!r} is not usable: use letters, digits, '_' or '-' "
                          "(no dots: the name becomes part of parameter names like lora_A.<name>.weight)")
     return name
-
-
-def _output_head_names(model: Module) -> set:
-    """Names of the output projection(s), which "all-linear" leaves alone (as PEFT does)."""
-    names = {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        head = get_out()
-        names |= {n for n, m in model.named_modules() if m is head}
-    return names
-
-
-def _replace_submodule(model: Module, name: str, new: Module) -> None:
-    """Put ``new`` where the submodule ``name`` is, keeping its position among its siblings (so
-    parameter order, and with it state_dict and optimizer order, stays the model's own)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    if child not in parent._modules:
-        raise AttributeError(f"{name!r} is not a submodule of {type(model).__name__}")
-    parent._modules[child] = new           # same key: an OrderedDict keeps its position
-    object.__setattr__(parent, child, new)
-
-
-def _plain_modules(model: Module):
-    """(name, module) of ``model``, skipping the insides of LoRA and saved-module wrappers."""
-    inside, out = [], []
-    for n, m in model.named_modules():
-        if any(n.startswith(p + ".") for p in inside):
-            continue
-        out.append((n, m))
-        if isinstance(m, (LoraLinear, ModulesToSaveWrapper)):
-            inside.append(n)
-    return out
-
-
-def _is_target_type(m) -> bool:
-    return is_linear_like(m) or isinstance(m, LoraLinear)
-
-
-def resolve_targets(model: Module, config: LoraConfig):
-    """config.target_modules with None -> Llama's default (q_proj, v_proj) and "all-linear" -> the
-    names of every Linear except the output head, as PEFT records them in the saved config."""
-    if config.target_modules is None:
-        return list(DEFAULT_TARGET_MODULES)
-    if config.target_modules == "all-linear":
-        heads = _output_head_names(model)
-        return sorted({n.rsplit(".", 1)[-1] for n, m in _plain_modules(model)
-                       if n and _is_target_type(m) and n not in heads})
-    return config.target_modules
-
-
-def plan_injection(model: Module, config: LoraConfig):
-    """Which modules ``config`` adapts in ``model``, without changing anything.
-
-    Returns (config with resolved target_modules, [names of Linear layers to adapt], [names of
-    modules to save]). Raises ValueError naming the Linear layers that exist when the targets match
-    none of them, or when a modules_to_save entry matches nothing.
-    """
-    targets = resolve_targets(model, config)
-    if targets != config.target_modules:
-        config = dataclasses.replace(config, target_modules=targets)
-    modules = _plain_modules(model)
-    lora_names, non_linear = [], []
-    for n, m in modules:
-        if not n or not matches(config, n):
-            continue
-        if _is_target_type(m):
-            lora_names.append(n)
-        elif not isinstance(m, ModulesToSaveWrapper):
-            non_linear.append(f"{n} ({type(m).__name__})")
-    if not lora_names:
-        linear = [n for n, m in modules if _is_target_type(m)]
-        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        why = f"; it matched modules that are not Linear: {non_linear[:3]}" if non_linear else ""
-        extra = (f" within layers_to_transform={config.layers_to_transform}"
-                 if config.layers_to_transform is not None else "")
-        raise ValueError(f"target_modules={config.target_modules!r} matched no Linear layer{extra}"
-                         f"{why}; the model's Linear layers are named {short} "
-                         f"(e.g. {linear[0] if linear else 'none'})")
-    saved = []
-    for wanted in config.modules_to_save or []:
-        found = [n for n, _ in modules if n == wanted or n.endswith("." + wanted)]
-        if not found:
-            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; its "
-                             f"top-level modules are {[n for n, _ in modules if n and '.' not in n]}")
-        saved += [n for n in found if n not in saved]
-    return config, lora_names, saved
 
 
 class LoraModel(Module):
@@ -212,7 +129,7 @@ class PeftModel(Module):
             layer = model.get_submodule(name)
             if not isinstance(layer, LoraLinear):
                 layer = LoraLinear(layer, module_name=name)
-                _replace_submodule(model, name, layer)
+                model.set_submodule(name, layer)    # keeps its place among its siblings
             layer.update_layer(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                                lora_dropout=config.lora_dropout,
                                init_lora_weights=config.init_lora_weights,
@@ -222,7 +139,7 @@ class PeftModel(Module):
             wrapper = model.get_submodule(name)
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper, module_name=name)
-                _replace_submodule(model, name, wrapper)
+                model.set_submodule(name, wrapper)
             wrapper.update(adapter_name)
             wrapper.set_adapter(self.active_adapters)
         self.peft_config[adapter_name] = config
@@ -364,9 +281,9 @@ class PeftModel(Module):
         else:
             self.unmerge_adapter()
         for name, layer in self.lora_layers():
-            _replace_submodule(model, name, layer.base_layer)
+            model.set_submodule(name, layer.base_layer)
         for name, wrapper in self._saved_module_wrappers():
-            _replace_submodule(model, name, wrapper.active_module() if merge else wrapper.original_module)
+            model.set_submodule(name, wrapper.active_module() if merge else wrapper.original_module)
         self.peft_config = {}
         return model
 
@@ -394,21 +311,18 @@ class PeftModel(Module):
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
         """Combine adapters into a new one; see ``lora.combine.add_weighted_adapter`` (which are
         exact: "cat"; approximate: "svd" truncates, "linear" adds cross terms)."""
-        from .combine import add_weighted_adapter
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        _add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters=None) -> None:
         """Write PEFT's files: adapter_config.json + adapter_model.safetensors for "default" in
         ``save_directory``, and each other adapter in a subfolder named after it."""
-        from .io import save_adapters
-        save_adapters(self, save_directory, selected_adapters)
+        adapter_io.save_adapters(self, save_directory, selected_adapters)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in directory ``model_id`` under ``adapter_name`` (inactive; call
         ``set_adapter`` to use it). Checked against this model's module names and shapes first."""
-        from .io import load_adapter_into
-        load_adapter_into(self, model_id, adapter_name, is_trainable=is_trainable)
+        adapter_io.load_adapter_into(self, model_id, adapter_name, is_trainable=is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: Module, model_id, adapter_name: str = "default",
@@ -418,8 +332,7 @@ class PeftModel(Module):
         ``is_trainable=False`` (PEFT's default) loads it for inference: nothing requires grad.
         The files are checked against the model before the model is touched.
         """
-        from .io import from_pretrained
-        return from_pretrained(cls, model, model_id, adapter_name, is_trainable)
+        return adapter_io.from_pretrained(cls, model, model_id, adapter_name, is_trainable)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.peft_config)}, active={self.active_adapters}"

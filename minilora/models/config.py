@@ -3,11 +3,19 @@
 The fields and their defaults mirror ``transformers.LlamaConfig`` so that a ``config.json`` written
 by either library is read by the other. The defaults here describe minilora's tiny shipped model, not
 Llama-7B; presets for the real sizes live in ``PRESETS`` (used by the memory accounting).
+
+RoPE settings come in two formats: transformers 4.x writes ``rope_theta`` and ``rope_scaling``
+(``{"rope_type": "llama3", "factor": 8.0, ...}`` or null), transformers 5.x writes one dict,
+``rope_parameters`` (``{"rope_theta": 500000.0, "rope_type": "llama3", ...}``). ``from_dict`` reads
+both and ``to_dict`` writes both, consistently, so either version reads back the same RoPE. Every
+key that changes the model's arithmetic is implemented or refused with a one-line error.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+
+from .rope import normalize_rope_scaling
 
 
 @dataclass
@@ -21,6 +29,8 @@ class LlamaConfig:
     max_position_embeddings: int = 256     # longest sequence RoPE and the KV cache are sized for
     rms_norm_eps: float = 1e-5             # added inside the RMSNorm square root, for stability
     rope_theta: float = 10000.0            # RoPE base: larger = slower-rotating, longer-range frequencies
+    # None = plain RoPE; else {"rope_type": "linear" | "llama3", <its parameters>} (models/rope.py)
+    rope_scaling: dict | None = None
     tie_word_embeddings: bool = False      # share embed_tokens.weight with lm_head.weight
     initializer_range: float = 0.02        # std of the normal init of Linear and Embedding weights
     bos_token_id: int | None = 256
@@ -36,37 +46,93 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}; GQA needs whole groups")
+        self.rope_theta = float(self.rope_theta)
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def rope_parameters(self) -> dict:
+        """RoPE as transformers 5.x writes it: ``{"rope_theta": ..., "rope_type": ..., ...}``."""
+        return {"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})}
+
     def to_dict(self) -> dict:
-        """The fields as Hugging Face's config.json writes them (plus model_type/architectures)."""
+        """The fields as Hugging Face's config.json writes them (plus model_type/architectures).
+
+        RoPE is written in both formats (``rope_theta`` + ``rope_scaling`` for transformers 4.x,
+        ``rope_parameters`` for 5.x), which say the same thing."""
         d = asdict(self)
         d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
-                 attention_bias=False, mlp_bias=False, head_dim=self.head_dim, torch_dtype="float32")
+                 attention_bias=False, mlp_bias=False, attention_dropout=0.0, head_dim=self.head_dim,
+                 torch_dtype="float32", rope_parameters=self.rope_parameters)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        """Read a Hugging Face Llama config dict; unknown keys are ignored, unsupported ones refused."""
+        """Read a Hugging Face Llama config dict (transformers 4.x or 5.x).
+
+        Keys that do not change the arithmetic (use_cache, torch_dtype, pretraining_tp, which only
+        splits the same matmuls into slices, ...) are ignored; every one that does is read or
+        refused with a one-line ValueError."""
         if d.get("model_type", "llama") != "llama":
             raise ValueError(f"config has model_type {d.get('model_type')!r}; minilora loads 'llama' only")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; Llama uses 'silu'")
         if d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError("attention_bias/mlp_bias=True is not supported; Llama has no Linear biases")
-        if d.get("rope_scaling"):
-            raise ValueError("rope_scaling is not supported; use a checkpoint without RoPE scaling")
+        if d.get("attention_dropout"):
+            raise ValueError(f"attention_dropout {d['attention_dropout']} is not supported (minilora's "
+                             "attention has no dropout); set it to 0.0")
+        if d.get("quantization_config"):
+            raise ValueError("the config has a quantization_config; minilora loads unquantized "
+                             "checkpoints (float32/16, bfloat16) or a .gguf file")
         hd = d.get("head_dim")
         if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
             raise ValueError(f"head_dim {hd} != hidden_size // num_attention_heads; not supported")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        names = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["rope_theta"], kw["rope_scaling"] = _rope_from_dict(d)
+        return cls(**kw)
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _rope_from_dict(d: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a config dict in transformers 4.x or 5.x form.
+
+    As in transformers, a non-empty ``rope_scaling`` takes precedence over ``rope_parameters``, and
+    a theta inside the dict over the top-level ``rope_theta``; where two places give different
+    values the config is refused, rather than one of them silently winning."""
+    scaling, params = d.get("rope_scaling") or None, d.get("rope_parameters") or None
+    for name, v in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{name} must be a dict (or null), got {v!r}")
+        if v is not None and any(isinstance(x, dict) for x in v.values()):
+            raise ValueError(f"{name} holds one dict per layer type; Llama has a single RoPE, give "
+                             "one flat dict")
+    rope = dict(scaling or params or {})
+    thetas = {float(x["rope_theta"]) for x in (scaling, params) if x and "rope_theta" in x}
+    if d.get("rope_theta") is not None:
+        thetas.add(float(d["rope_theta"]))
+    if len(thetas) > 1:
+        raise ValueError(f"the config gives different RoPE bases {sorted(thetas)} (rope_theta, "
+                         "rope_parameters, rope_scaling); keep one")
+    if scaling and params:
+        a = normalize_rope_scaling(scaling, d.get("max_position_embeddings", 256))
+        b = normalize_rope_scaling(params, d.get("max_position_embeddings", 256))
+        if a != b:
+            raise ValueError(f"rope_scaling {scaling} and rope_parameters {params} disagree; keep one")
+    if d.get("partial_rotary_factor") is not None:
+        rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    if d.get("original_max_position_embeddings") is not None and rope.get(
+            "rope_type", rope.get("type")) == "llama3":
+        # transformers gives a top-level original_max_position_embeddings priority
+        rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    theta = thetas.pop() if thetas else 10000.0
+    return theta, (rope or None)
 
 
 # Published Llama shapes, for parameter and memory accounting (no weights are ever built for these).

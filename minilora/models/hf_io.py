@@ -6,7 +6,9 @@ the other's ``save_pretrained`` wrote:
 * ``config.json``: ``LlamaConfig.to_dict()`` (model_type "llama", architectures, the hyperparameters);
 * ``model.safetensors``: one tensor per parameter under its dotted name, with metadata
   ``{"format": "pt"}`` (transformers refuses files without it). A tied head (``tie_word_embeddings``)
-  is stored once, as ``model.embed_tokens.weight``, as transformers does.
+  is stored once, as ``model.embed_tokens.weight``, as transformers does. Large checkpoints come
+  sharded instead: ``model.safetensors.index.json`` maps each tensor name to the shard file that
+  holds it (``{"weight_map": {name: "model-00001-of-00002.safetensors", ...}}``); both are read.
 
 safetensors (a JSON header of names, dtypes, shapes and byte offsets, then the raw little-endian
 bytes) is read with ``safetensors.numpy``, except bfloat16, which NumPy has no dtype for: those
@@ -28,6 +30,7 @@ from .config import LlamaConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_TO_NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
@@ -67,6 +70,8 @@ def read_config(directory) -> LlamaConfig:
         return LlamaConfig.from_dict(d)
     except (TypeError, KeyError) as e:
         raise CheckpointError(f"{path} is not a usable Llama config ({type(e).__name__}: {e})") from None
+    except ValueError as e:   # a refused setting (RoPE type, biases, ...): say which file
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _safetensors_header(path: Path) -> tuple[dict, int]:
@@ -114,32 +119,48 @@ def load_safetensors(path) -> dict:
     return out
 
 
-def from_pretrained(directory, device: str | None = None):
-    """A LlamaForCausalLM built from ``directory``'s config.json and filled from model.safetensors."""
-    from .llama import LlamaForCausalLM
+def load_checkpoint_weights(directory) -> dict:
+    """name -> float32 array from ``directory``'s model.safetensors, or from the shards its
+    model.safetensors.index.json lists (each shard read once; every listed name must be there)."""
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file() or not (directory / WEIGHTS_INDEX_NAME).is_file():
+        return load_safetensors(directory / WEIGHTS_NAME)
+    index_path = directory / WEIGHTS_INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a safetensors index with a weight_map "
+                              f"({type(e).__name__}: {e}); re-save the checkpoint") from None
+    weights = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index_path} names shard {shard!r} outside the folder; shards "
+                                  "must be plain file names beside the index")
+        weights.update(load_safetensors(directory / shard))
+    absent = [name for name in weight_map if name not in weights]
+    if absent:
+        raise CheckpointError(f"{index_path} lists {absent[:3]} but their shards do not hold them; "
+                              "re-save the checkpoint")
+    return weights
 
+
+def load_pretrained(directory) -> tuple[LlamaConfig, dict, Path]:
+    """(config, name -> float32 array, the weights file) of a checkpoint folder: config.json, and
+    model.safetensors or the shards of model.safetensors.index.json. A tied head is stored under
+    ``model.embed_tokens.weight`` only; ``LlamaForCausalLM.from_pretrained`` builds the model."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist; pass a folder "
                                 "written by save_pretrained")
     config = read_config(directory)
-    weights = load_safetensors(directory / WEIGHTS_NAME)
-    model = LlamaForCausalLM(config)
+    weights = load_checkpoint_weights(directory)
+    source = directory / (WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else WEIGHTS_INDEX_NAME)
     if config.tie_word_embeddings:
         head = weights.pop("lm_head.weight", None)
         if head is not None and "model.embed_tokens.weight" not in weights:
             weights["model.embed_tokens.weight"] = head
     elif "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} has no lm_head.weight but config.json says "
+        raise CheckpointError(f"{source} has no lm_head.weight but config.json says "
                               "tie_word_embeddings=false; fix the config or the checkpoint")
     weights.pop("model.rotary_emb.inv_freq", None)  # a buffer some transformers versions save
-    try:
-        model.load_state_dict(weights, strict=True)
-    except KeyError as e:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match config.json: "
-                              f"{e.args[0]}") from None
-    except ValueError as e:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME}: {e}") from None
-    if device is not None:
-        model.to(device)
-    return model
+    return config, weights, source

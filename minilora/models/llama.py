@@ -25,6 +25,7 @@ query heads per group, D = C / H head dim, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from .. import nn
 from ..tensor import Tensor
 from .config import LlamaConfig
 from .generation import KVCache, generate as _generate
+from .gguf_io import load_gguf
+from .hf_io import CheckpointError, load_pretrained, save_pretrained
 from .rope import RotaryTables
 
 
@@ -139,7 +142,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i)
                                      for i in range(config.num_hidden_layers)])
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary = RotaryTables(config.head_dim, config.rope_theta)  # tables, not parameters
+        self.rotary = RotaryTables(config.head_dim, config.rope_theta,   # tables, not parameters
+                                   config.rope_scaling)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None) -> Tensor:
         B, T = input_ids.shape
@@ -234,14 +238,29 @@ class LlamaForCausalLM(nn.Module):
 
     def save_pretrained(self, save_directory, dtype=np.float32) -> None:
         """Write Hugging Face's ``config.json`` + ``model.safetensors`` (float32 or float16)."""
-        from .hf_io import save_pretrained
         save_pretrained(self, save_directory, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, directory, device: str | None = None) -> "LlamaForCausalLM":
-        """Load a Hugging Face Llama checkpoint directory (float32/float16/bfloat16 -> float32)."""
-        from .hf_io import from_pretrained
-        return from_pretrained(directory, device=device)
+    def from_pretrained(cls, path, device: str | None = None) -> "LlamaForCausalLM":
+        """Load a Hugging Face Llama checkpoint folder (config.json + model.safetensors, or shards
+        listed in model.safetensors.index.json; float32/float16/bfloat16) or a llama.cpp ``.gguf``
+        file (models/gguf_io.py), in float32."""
+        if Path(path).suffix.lower() == ".gguf":
+            config, weights = load_gguf(path)
+            source, what = Path(path), "its own metadata"
+        else:
+            config, weights, source = load_pretrained(path)
+            what = "config.json"
+        model = cls(config)
+        try:
+            model.load_state_dict(weights, strict=True)   # a tied head is embed_tokens' Parameter
+        except KeyError as e:
+            raise CheckpointError(f"{source} does not match {what}: {e.args[0]}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        if device is not None:
+            model.to(device)
+        return model
 
     def extra_repr(self) -> str:
         c = self.config

@@ -43,7 +43,8 @@ The interface LoRA relies on (kept small on purpose; ``lora/`` knows nothing els
 * ``replace_weight(W)`` -> re-quantize W in place, return the error that rounding added (merging
   into the 4-bit base, as PEFT does on bitsandbytes layers);
 * ``to_linear()`` -> a float ``Linear`` with the dequantized weight (``merge_and_unload`` default);
-* ``transient_weight()`` -> a handle whose ``.data`` dequantizes on each read (LoRA's fused op);
+* ``transient_weight()`` -> a frozen handle whose ``dequantize()`` call gives W in the shared
+  buffer (LoRA's fused op calls it once in forward and once in backward);
 * ``quantized_numel`` -> parameters stored in 4 bits (PEFT counts them in "all params").
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..fast import parallel
 from ..nn import Linear, Module, Parameter
 from ..ops import as_tensor
@@ -110,10 +111,10 @@ def _dequantized(qweight: QuantizedTensor4bit, dtype):
 
 
 class TransientWeight:
-    """A read-only stand-in for a frozen weight Tensor: ``.data`` dequantizes into the shared buffer
-    on every read. For fused ops that read W once in forward and once in backward (LoRA's
-    ``lora.layer.lora_linear``): they get the float W exactly when they need it, and it never
-    outlives one GEMM. It never requires grad, so autograd never visits it.
+    """A frozen 4-bit weight handed to a fused op (LoRA's ``lora.fused.lora_linear``), which asks
+    for the float W with an explicit ``dequantize()`` exactly when a GEMM needs it (once in forward,
+    once in backward): W never outlives one GEMM. It has no ``.data`` on purpose, so no code reads
+    a weight-sized array by accident, and it never requires grad, so autograd never visits it.
     """
 
     requires_grad = False
@@ -121,9 +122,9 @@ class TransientWeight:
     def __init__(self, qweight: QuantizedTensor4bit):
         self.qweight = qweight
 
-    @property
-    def data(self):
-        """W (out, in) float32 in the shared buffer: use at once (another layer may overwrite it)."""
+    def dequantize(self):
+        """W (out, in) float32 in this thread's shared buffer: use it at once (the next layer of the
+        same shape overwrites it) and never keep it."""
         return _dequantized(self.qweight, np.float32)
 
     @property
@@ -156,7 +157,8 @@ def nf4_linear(x, qweight: QuantizedTensor4bit, bias=None) -> Tensor:
         raise ValueError(f"NF4Linear needs floating-point input, got {xd.dtype}")
     x2 = xd.reshape(-1, n_in)                                        # (N, in)
     w = _dequantized(qweight, xd.dtype)                              # (out, in), transient
-    y = parallel.matmul(x2, w.T)                                     # (N, in) @ (in, out) -> (N, out)
+    matmul = (lambda a, b: a @ b) if settings.reference_mode() else parallel.matmul  # threads: fast path only
+    y = matmul(x2, w.T)                                     # (N, in) @ (in, out) -> (N, out)
     if bias is not None:
         y += bias.data
     parents = (x,) if bias is None else (x, bias)
@@ -166,7 +168,7 @@ def nf4_linear(x, qweight: QuantizedTensor4bit, bias=None) -> Tensor:
         g2 = out.grad.reshape(-1, n_out)                             # (N, out)
         if x.requires_grad:
             w_again = _dequantized(qweight, g2.dtype)                # the buffer may hold another W now
-            gx = parallel.matmul(g2, w_again)                        # (N, out) @ (out, in) -> (N, in)
+            gx = matmul(g2, w_again)                        # (N, out) @ (out, in) -> (N, in)
             x._accum(gx.reshape(xd.shape), fresh=True)
         if bias is not None and bias.requires_grad:
             bias._accum(g2.sum(axis=0), fresh=True)                  # (out,)
@@ -257,7 +259,7 @@ class NF4Linear(Module):
         return self.requantization_error
 
     def transient_weight(self) -> TransientWeight:
-        """W for a fused op: a handle whose ``.data`` dequantizes on each read (no lasting copy)."""
+        """W for a fused op: a handle whose ``dequantize()`` fills the shared buffer (no lasting copy)."""
         return TransientWeight(self.qweight)
 
     @property
@@ -301,22 +303,6 @@ class NF4Linear(Module):
 
 
 # ================================================================ whole models
-def _replace_in_place(model: Module, name: str, new: Module) -> None:
-    """Put ``new`` at dotted ``name`` keeping its position among its siblings.
-
-    ``Module.set_submodule`` goes through ``setattr``, which moves the entry to the end of the
-    parent's module list; keeping the order keeps named_modules / named_parameters order the same as
-    the float model's, so LoRA injected afterwards initialises its factors in the same order (same
-    seed, same A matrices: the QLoRA-vs-LoRA comparison then differs only in the base weights).
-    """
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    if child not in parent._modules:
-        raise AttributeError(f"{name!r} is not a submodule of {type(model).__name__}")
-    parent._modules[child] = new
-    object.__setattr__(parent, child, new)
-
-
 def _skipped(name: str, skip_modules) -> bool:
     parts = name.split(".")
     return (any(name == s or name.endswith("." + s) or s in parts for s in skip_modules)
@@ -344,8 +330,11 @@ def quantize_model(model: Module, blocksize: int = 64, double_quant: bool = True
                if n and isinstance(m, Linear) and not _skipped(n, skip_modules)
                and len(owners.get(id(m.weight), ())) == 1]
     for name in targets:
-        _replace_in_place(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize,
-                                                             double_quant, quant_type))
+        # set_submodule keeps each entry's place among its siblings: parameter order, and with it
+        # the order LoRA injected afterwards initialises its factors in (same seed, same A), stays
+        # the float model's, so QLoRA and LoRA runs differ only in the base weights
+        model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name), blocksize,
+                                                        double_quant, quant_type))
     return model
 
 
@@ -365,7 +354,7 @@ def requantization_errors(model: Module) -> dict:
 def dequantize_model(model: Module) -> Module:
     """Replace every ``NF4Linear`` by a float ``Linear`` holding its dequantized weight, in place."""
     for name, layer in quantized_modules(model):
-        _replace_in_place(model, name, layer.to_linear())
+        model.set_submodule(name, layer.to_linear())
     return model
 
 
@@ -453,7 +442,7 @@ def load_quantized_model(model: Module, path) -> Module:
             device = backend.device_of(old.qweight.packed) if isinstance(old, NF4Linear) \
                 else backend.device_of(old.weight.data)
             bias = loaded.get(f"{name}.bias")
-            _replace_in_place(model, name, NF4Linear(value.to(device), bias))
+            model.set_submodule(name, NF4Linear(value.to(device), bias))
         else:
             arrays[key] = value
     model.load_state_dict(arrays, strict=True)   # a missing or unknown name is an error

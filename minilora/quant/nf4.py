@@ -6,7 +6,7 @@ base weights in 4-bit NormalFloat: the flattened weight is cut into blocks of ``
 is replaced by the index of the nearest entry of a 16-value code book (``codebooks.NF4_CODE``). Two
 indices share a byte. Dequantization is ``code[index] * absmax[block]``.
 
-The steps follow bitsandbytes 0.50.2's CPU path exactly (see /work/shared/reference/nf4.md):
+The steps follow bitsandbytes 0.50.2's CPU path exactly (``bitsandbytes.functional.quantize_4bit``):
 
 1. absmax[b] = max |x| over block b, in float32;
 2. full blocks are multiplied by float32(1 / absmax); the trailing partial block is divided by its
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..fast import parallel
 from .codebooks import FP4_CODE, INT4_CODE, NF4_CODE
 from .double_quant import NESTED_BLOCKSIZE, DoubleQuantState, double_quantize
@@ -392,7 +392,10 @@ def _dequantize_numpy(packed, absmax, pairs, blocksize: int, n: int, out):
             np.take(pairs, packed[start * half: stop * half],
                     out=full_pairs[start * half: stop * half], mode="clip")
             full_blocks[start:stop] *= absmax[start:stop, None]
-    parallel.run_chunks(tiles, parallel.split_rows(n_full, n_full * blocksize, np))
+    if settings.reference_mode():                       # one thread, all blocks in order
+        tiles(slice(0, n_full))
+    else:                                               # tiles of blocks shared among CPU threads
+        parallel.run_chunks(tiles, parallel.split_rows(n_full, n_full * blocksize, np))
     if rem:                                               # the partial last block (maybe odd)
         tail = np.take(pairs, packed[n_full * half:], mode="clip").view(np.float32)[:rem]  # (rem,)
         np.multiply(tail, absmax[n_full], out=out[n_full * blocksize:])

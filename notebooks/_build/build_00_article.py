@@ -3,9 +3,9 @@
     .venv/bin/python notebooks/_build/build_00_article.py
     .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/00_checking_the_article.ipynb
 
-Issue 6: walk through the article's worked example with ``minilora.lora.merge``'s trace, show where
-its numbers diverge and why, redo it correctly, then list every checked claim and draw the 70B memory
-figures. Every number comes from the library (``lora.merge``, ``lora.LoraLinear``, ``article``,
+The notebook walks through the article's worked example with ``minilora.lora.merge``'s trace, shows
+where its numbers diverge and why, redoes it correctly, then lists every checked claim and draws the
+70B memory figures. Every number comes from the library (``lora.merge``, ``lora.LoraLinear``, ``article``,
 ``memory``); the notebook only quotes the article and prints.
 """
 from __future__ import annotations

@@ -52,7 +52,7 @@ import numpy as np
 import minilora
 from minilora import Tensor, memory, nn
 from minilora.lora import LoraLinear, merge
-from minilora.lora.layer import lora_linear
+from minilora.lora.fused import lora_linear
 from minilora.optim import SGD
 from minilora.testing import gradcheck
 
@@ -184,8 +184,9 @@ $G = \partial L / \partial H$ (N, out) be the gradient arriving from above. One 
   **never computed**, because $W_0$ does not require grad.
 
 To check them, take $L = \sum H \odot G$ for a fixed random $G$; then $\partial L / \partial H = G$
-exactly. The layer runs as one fused autograd op (`lora_linear`); setting `LoraLinear.fused = False`
-runs the module-by-module form (`base_layer(x) + lora_B(lora_A(x)) * s`) through generic autograd."""),
+exactly. The layer runs as one fused autograd op (`lora_linear`, in `minilora/lora/fused.py`); inside
+`minilora.settings.reference()` it runs the module-by-module form (`base_layer(x) + lora_B(lora_A(x)) * s`)
+through generic autograd."""),
     code(r"""minilora.manual_seed(3)
 layer = lora_layer(6, 5, r=2, lora_alpha=4, init_lora_weights=False)
 W0 = layer.base_layer.weight.data
@@ -199,21 +200,20 @@ formula = {"A": s * B_p.data.T @ G.T @ X,                # (r, out)(out, N)(N, i
            "X": G @ W0 + s * G @ B_p.data @ A_p.data}    # (N, in)
 
 for fused in (True, False):
-    LoraLinear.fused = fused
     layer.zero_grad()
     x_t = Tensor(X, requires_grad=True)
-    (layer(x_t) * G).sum().backward()
+    with minilora.settings.reference(not fused):     # not fused: the module form
+        (layer(x_t) * G).sum().backward()
     got = {"A": A_p.grad, "B": B_p.grad, "X": x_t.grad}
     print(f"fused={fused!s:5}", "  ".join(f"dL/d{k} matches: {np.allclose(got[k], formula[k], atol=1e-5)}"
                                         for k in formula),
-          f"  W0.grad is {layer.base_layer.weight.grad}")
-LoraLinear.fused = True"""),
+          f"  W0.grad is {layer.base_layer.weight.grad}")"""),
     md(r"""`gradcheck` compares with central differences in float64 (section 4 of notebook 01). Here it checks
 the fused op with respect to $x$, $A$, $B$ **and** $W_0$: the $W_0$ formula is right even though a
 frozen layer never runs it."""),
     code(r"""x64, W64 = rng.standard_normal((4, 6)), rng.standard_normal((5, 6))
 A64, B64 = rng.standard_normal((2, 6)), rng.standard_normal((5, 2))
-ok = gradcheck(lambda x, W, A, B: lora_linear(x, W, None, A, B, lora_alpha=4.0, r=2),  # s = 2
+ok = gradcheck(lambda x, W, A, B: lora_linear(x, W, None, A, B, scaling=2.0),  # s = α/r = 4/2
                [x64, W64, A64, B64], names=["x", "W0", "lora_A", "lora_B"])
 print("gradcheck of lora_linear w.r.t. x, W0, A, B:", ok)"""),
     md(r"""### What the frozen weight costs in backward: nothing

@@ -13,7 +13,9 @@ broadcast axes...). It never raises for a wrong answer unless ``raise_on_fail=Tr
 ``check_all(globals())`` checks every task defined in a notebook. The student notebook is
 notebooks/exercises/exercises.ipynb; docs/teachers-guide.md explains how to run a class with it.
 """
-from .checker import CheckResult, ExerciseFailed, check, check_all, get_task, list_tasks, task_names
+from .checker import CheckResult, ExerciseFailed, check, check_all
+from .registry import get_task, list_tasks, task_names
+from . import tasks  # noqa: F401  (defining the tasks registers them; nothing else loads them)
 
 __all__ = ["check", "check_all", "list_tasks", "task_names", "get_task", "CheckResult",
            "ExerciseFailed"]

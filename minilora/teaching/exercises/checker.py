@@ -1,8 +1,8 @@
 """The autograder behind ``minilora.teaching.exercises.check``: run a learner's function on many cases, compare
 it with the library, and explain a failure in words.
 
-A *task* (see ``tasks.py``) is a small function to write, such as ``lora_forward(x, W0, A, B,
-alpha, r)``. For each task the checker knows
+A *task* (defined in ``tasks.py``, looked up by name in ``registry.py``) is a small function to
+write, such as ``lora_forward(x, W0, A, B, alpha, r)``. For each task the checker knows
 
 * a **reference**: the answer, computed by calling minilora itself (``lora/``, ``quant/``,
   ``memory.py``, the autograd engine), never a second copy of the formula;
@@ -21,7 +21,6 @@ markers, with property-based cases as in its ``hypothesis`` tests.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import random
@@ -32,58 +31,12 @@ from typing import Callable
 import numpy as np
 
 from ... import backend
+from .registry import Case, Mistake, Task, get_task, task_names
 
-__all__ = ["Case", "Mistake", "Task", "CheckResult", "ExerciseFailed", "register", "get_task",
-           "task_names", "check", "check_all", "list_tasks", "draw_cases"]
+__all__ = ["CheckResult", "ExerciseFailed", "Diff", "check", "check_all", "compare", "draw_cases"]
 
 PASS, FAIL, ERROR, NOT_DONE = "passed", "failed", "error", "not implemented"
 _MARK = {PASS: "✓", FAIL: "✗", ERROR: "✗", NOT_DONE: "○"}
-
-
-# ---------------------------------------------------------------- what a task is made of
-@dataclass(frozen=True)
-class Case:
-    """One set of arguments, in the order of the task's signature.
-
-    ``label`` says why a fixed case exists ("α ≠ r"); ``note`` is a hint for this case alone, used
-    when no usual mistake explains the failure (an all-zero block, an odd length...).
-    """
-    args: dict
-    label: str = ""
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Mistake:
-    """A usual wrong answer: ``fn`` has the learner's signature and makes exactly this mistake."""
-    name: str
-    hint: str
-    fn: Callable
-
-
-@dataclass(frozen=True)
-class Task:
-    """A named exercise. See the module docstring for how the parts are used.
-
-    ``draw(d)`` builds one case's arguments from a drawer ``d`` (``d.integers(lo, hi)``,
-    ``d.sampled_from(seq)``, ``d.booleans()``, ``d.seed()``); ``edge_cases()`` returns the fixed
-    ``Case`` list; ``compare(expected, got, args)`` may replace the default comparison (it returns
-    None when they agree, else a ``Diff``).
-    """
-    name: str
-    summary: str                      # one line, for list_tasks()
-    signature: str                    # e.g. "lora_forward(x, W0, A, B, alpha, r) -> h"
-    reference: Callable               # the answer, from the library
-    draw: Callable                    # d -> dict of arguments
-    edge_cases: Callable              # () -> list[Case]
-    mistakes: tuple = ()
-    hint: str = ""                    # when no usual mistake matches
-    error_hint: str = ""              # when the learner's code raises
-    output_names: tuple = ()          # names of the parts of a tuple/dict output ("dA", "dB")
-    rtol: float = 1e-6
-    atol: float = 1e-9                # scaled by max(1, max|expected|)
-    compare: Callable | None = None
-    minutes: int = 10                 # a teacher's estimate, shown in the guide
 
 
 @dataclass
@@ -138,45 +91,6 @@ class CheckResult:
         # check() already printed the verdict; showing the returned object again would repeat it
         if not self._printed:
             print(self.message)
-
-
-# ---------------------------------------------------------------- the registry
-_TASKS: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    if task.name in _TASKS:
-        raise ValueError(f"a task called {task.name!r} is already registered")
-    _TASKS[task.name] = task
-    return task
-
-
-def _load_tasks() -> None:
-    from . import tasks  # noqa: F401  (registers every task on import)
-
-
-def task_names() -> list:
-    """The task names, in teaching order."""
-    _load_tasks()
-    return list(_TASKS)
-
-
-def get_task(name: str) -> Task:
-    _load_tasks()
-    if name not in _TASKS:
-        close = difflib.get_close_matches(str(name), _TASKS, n=1)
-        did_you_mean = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown exercise {name!r}{did_you_mean} list_tasks() shows them all")
-    return _TASKS[name]
-
-
-def list_tasks() -> None:
-    """Print every task with its signature and a one-line description."""
-    _load_tasks()
-    width = max(len(n) for n in _TASKS)
-    for i, task in enumerate(_TASKS.values(), 1):
-        print(f"{i:2d}. {task.name:<{width}}  {task.summary}")
-        print(f"    {'':<{width}}  {task.signature}")
 
 
 # ---------------------------------------------------------------- drawing cases

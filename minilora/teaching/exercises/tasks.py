@@ -1,6 +1,7 @@
 """The exercises: eleven small functions, from the LoRA forward pass to QLoRA's memory bill.
 
-Each task below registers four things with the checker (``checker.py``):
+Each task below registers four things in ``registry.py``, where the checker (``checker.py``) finds
+them:
 
 * ``reference``: the answer, computed by minilora itself: ``lora.layer.LoraLinear`` and
   ``lora.merge`` for the adapter, the autograd engine (``Tensor.backward``) for gradients,
@@ -12,7 +13,7 @@ Each task below registers four things with the checker (``checker.py``):
 * ``mistakes``: wrong solutions a learner typically writes, each with the hint the verdict gives
   when the learner's output equals it. Their code is deliberately wrong; do not copy it.
 
-Shapes follow PyTorch and PEFT (DESIGN.md): W0 (out, in), lora_A (r, in), lora_B (out, r),
+Shapes follow PyTorch and PEFT (docs/architecture.md): W0 (out, in), lora_A (r, in), lora_B (out, r),
 activations (..., features). Floating-point inputs are float64 so that a correct answer agrees with the
 reference to ~1e-12 and any real mistake is far outside the tolerance; the NF4 tasks use float32,
 as the format does.
@@ -34,7 +35,8 @@ from ...quant import (DYNAMIC_MAP, NF4_CODE, double_quantize, nf4_bits_per_param
                      quantize_nf4)
 from ...quant.double_quant import NESTED_BLOCKSIZE
 from ...tensor import Tensor
-from .checker import Case, Mistake, Task, compare, register
+from .checker import compare
+from .registry import Case, Mistake, Task, register
 
 ALPHAS = (1, 2, 3, 4, 8, 16, 32, 0.5)
 

@@ -91,5 +91,12 @@ USE_CUDA_KERNELS = True
 HOST_MMAP_THRESHOLD = 256 << 20
 HOST_TRIM_THRESHOLD = 1 << 30
 
+# ------------------------------------------------------------------ BPE tokenizer (data/bpe.py)
+# Words whose merged token ids BPETokenizer remembers (Hugging Face's BPE cache holds as many);
+# when full it stores no more. Text repeats its words: 200 KB of Python source is 43k words but
+# 2.9k distinct ones, and encoding it with SmolLM2's vocabulary takes 93 ms from an empty cache
+# against 360 ms without one (47 ms once the cache is warm).
+BPE_CACHE_SIZE = 10_000
+
 
 __all__ = ["reference", "reference_mode"]

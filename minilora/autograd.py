@@ -26,29 +26,52 @@ Python subclass of the C++ ``torch._C.TensorBase``). Imports therefore run one w
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
 
 from . import backend
 
-_grad_enabled = True
+# Grad mode is per thread, as in PyTorch: data_parallel runs micro-batches in threads, and a
+# ``no_grad()`` block in one of them (checkpoint.py's forward) must not switch off another's graph.
+# A new thread starts with grad on.
+_grad_mode = threading.local()
+
+
+def _set_grad_enabled(enabled: bool) -> bool:
+    """Set this thread's grad mode; return the old one."""
+    old = getattr(_grad_mode, "enabled", True)
+    _grad_mode.enabled = enabled
+    return old
 
 
 @contextmanager
 def no_grad():
-    """Record no graph inside this block (inference, optimizer updates). Also a decorator."""
-    global _grad_enabled
-    old, _grad_enabled = _grad_enabled, False
+    """Record no graph inside this block (inference, optimizer updates), in this thread. Also a
+    decorator."""
+    old = _set_grad_enabled(False)
     try:
         yield
     finally:
-        _grad_enabled = old
+        _set_grad_enabled(old)
+
+
+@contextmanager
+def enable_grad():
+    """Record the graph inside this block even within ``no_grad()`` (in this thread): checkpoint.py
+    recomputes a block with its graph during ``backward()``."""
+    old = _set_grad_enabled(True)
+    try:
+        yield
+    finally:
+        _set_grad_enabled(old)
 
 
 def is_grad_enabled() -> bool:
-    """False inside ``no_grad()``: op results then record no parents and no backward closure."""
-    return _grad_enabled
+    """False inside ``no_grad()`` (in this thread): op results then record no parents and no
+    backward closure."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 def _as_array(data, dtype=None):
@@ -106,7 +129,7 @@ class TensorBase:
         """
         out = object.__new__(TensorBase._result_class)
         out.data = data
-        out.requires_grad = _grad_enabled and any(p.requires_grad for p in parents)
+        out.requires_grad = is_grad_enabled() and any(p.requires_grad for p in parents)
         out.grad = None
         out._grad_owned = False
         out._prev = parents if out.requires_grad else ()

@@ -7,8 +7,8 @@ names. ``tests/test_functional_fused.py`` gradchecks them in float64.
 
 Several have a fast twin that computes the same thing as one autograd node with a hand-written
 backward, on CPU threads or as CUDA kernels: ``fast/functional.py`` (linear, softmax, log_softmax,
-cross_entropy, rms_norm, layer_norm, rotary_embedding, swiglu) and ``fast/attention.py``
-(scaled_dot_product_attention). Such a function starts with two lines that hand the call to its twin
+cross_entropy, linear_cross_entropy, rms_norm, layer_norm, rotary_embedding, swiglu) and
+``fast/attention.py`` (scaled_dot_product_attention). Such a function starts with two lines that hand the call to its twin
 unless ``minilora.reference()`` is on (or ``MINILORA_REFERENCE=1``); below them is the reference.
 The twins' docstrings say what they buy and ``tests/test_functional_fused.py`` checks each equal to
 its reference, forward and backward, up to float32 rounding.
@@ -28,7 +28,8 @@ from .fast import functional as fast_functional
 from .ops import as_tensor, concatenate, embedding, erf, sigmoid, where  # noqa: F401  (re-exported)
 from .tensor import Tensor
 
-__all__ = ["relu", "gelu", "silu", "sigmoid", "softmax", "log_softmax", "cross_entropy", "rms_norm",
+__all__ = ["relu", "gelu", "silu", "sigmoid", "softmax", "log_softmax", "cross_entropy",
+           "linear_cross_entropy", "rms_norm",
            "layer_norm", "dropout", "embedding", "linear", "scaled_dot_product_attention",
            "concatenate", "stack", "split", "where", "erf", "causal_mask", "rotary_embedding", "swiglu",
            "rotate_half"]
@@ -102,20 +103,12 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     prompt tokens) count for nothing, and "mean" divides the sum by the number of the others (NaN
     when there are none, as PyTorch gives); "sum" returns the sum.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
     xpmod = backend.get_xp(logits.data)
-    targets = xpmod.asarray(targets.data if isinstance(targets, Tensor) else targets)
     C = logits.shape[-1]
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets shape {targets.shape} must equal logits shape "
-                         f"without the class axis {logits.shape[:-1]}")
+    targets = _checked_targets(targets, logits.shape[:-1], C, ignore_index, reduction, xpmod,
+                               "cross_entropy", "logits shape without the class axis")
     t = targets.reshape(-1)                                   # (...) -> (N,)
     valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= C))
-    if bool(bad.any()):
-        raise ValueError(f"cross_entropy: target id {int(t[bad][0])} is outside [0, {C}) and is not "
-                         f"ignore_index={ignore_index}; check the labels or the vocab size")
     if not settings.reference_mode():
         return fast_functional.cross_entropy(logits, targets,   # fused backward (+ CUDA):
                                              ignore_index, reduction)  # fast/functional.py
@@ -126,6 +119,45 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     if reduction == "sum":
         return nll.sum()
     return nll.sum() / valid.sum().astype(logits.data.dtype)
+
+
+def _checked_targets(targets, shape: tuple, C: int, ignore_index: int, reduction: str, xpmod,
+                     who: str, what: str):
+    """``targets`` as an integer array on the inputs' device, after checking that its shape is
+    ``shape`` and that every id not equal to ``ignore_index`` lies in [0, C)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{who}: reduction={reduction!r}; use 'mean' or 'sum'")
+    targets = xpmod.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if targets.shape != tuple(shape):
+        raise ValueError(f"{who}: targets shape {targets.shape} must equal the {what} "
+                         f"{tuple(shape)}")
+    t = targets.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= C))
+    if bool(bad.any()):
+        raise ValueError(f"{who}: target id {int(t[bad][0])} is outside [0, {C}) and is not "
+                         f"ignore_index={ignore_index}; check the labels or the vocab size")
+    return targets
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets, ignore_index: int = -100,
+                         reduction: str = "mean") -> Tensor:
+    """``cross_entropy(linear(x, weight), targets)``: a language model's output head and its loss.
+
+    x (..., C) hidden states, weight (V, C) the head's weight (a Linear's layout), targets (...)
+    integer ids; the logits x W^T are (..., V). Written as the two calls it is; the fast twin
+    (``fast/functional.py``) never holds all the (N, V) logits at once: with a vocabulary of 49152
+    and 1024 tokens they alone are 200 MB in float32.
+    """
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: input has {x.shape[-1]} features but the weight "
+                         f"expects {weight.shape[-1]} (weight shape {tuple(weight.shape)})")
+    xpmod = backend.get_xp(x.data)
+    targets = _checked_targets(targets, x.shape[:-1], weight.shape[0], ignore_index, reduction,
+                               xpmod, "linear_cross_entropy", "input shape without the feature axis")
+    if not settings.reference_mode():
+        return fast_functional.linear_cross_entropy(x, weight, targets,  # chunked rows, no (N, V)
+                                                    ignore_index, reduction)  # logits: fast/functional.py
+    return cross_entropy(linear(x, weight), targets, ignore_index, reduction)
 
 
 # ============================================================== normalisation

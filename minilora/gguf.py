@@ -27,9 +27,14 @@ for all blocks at once (NumPy over a (n_blocks, bytes_per_block) view, no loop o
 NF4's packing in ``minilora.quant``, which puts element 2i in the high nibble of byte i.) Other ggml
 types (K-quants, Q5_*, ...) are recognised by name and refused. The results equal the ``gguf``
 package's ``gguf.quants.dequantize`` bit for bit (tests/test_gguf.py).
+
+Every malformed part (magic, version, a count or length that runs past the end of the file, an
+unknown metadata type, a repeated key or tensor name, a tensor whose bytes lie past the end) raises
+``GGUFError``, a one-line ``ValueError`` naming the file, the part and what was expected.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -65,6 +70,10 @@ _VALUE_TYPES = {
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
 
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read (one line: the file, the part, what was expected)."""
+
+
 @dataclass(frozen=True)
 class GGUFTensorInfo:
     """Where one tensor lies in the file and what it holds.
@@ -82,7 +91,7 @@ class GGUFTensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)     # Python ints: a damaged file's dims cannot overflow
 
     @property
     def nbytes(self) -> int:
@@ -100,8 +109,8 @@ class _Cursor:
     def take(self, n: int) -> int:
         start = self.pos
         if n < 0 or start + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF file: {n} bytes needed at offset {start} "
-                             f"but the file has {len(self.buf)}; re-download or re-convert it")
+            raise GGUFError(f"{self.path}: truncated GGUF file: {n} bytes needed at offset {start} "
+                            f"but the file has {len(self.buf)}; re-download or re-convert it")
         self.pos += n
         return start
 
@@ -115,8 +124,8 @@ class _Cursor:
         try:
             return bytes(self.buf[start:start + n]).decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{self.path}: a string at offset {start} is not UTF-8; the file is "
-                             "corrupt, re-download it") from None
+            raise GGUFError(f"{self.path}: a string at offset {start} is not UTF-8; the file is "
+                            "corrupt, re-download it") from None
 
     def value(self, vtype: int, key: str):
         if vtype == _STRING:
@@ -136,8 +145,8 @@ class _Cursor:
 
     def _format(self, vtype: int, key: str) -> str:
         if vtype not in _VALUE_TYPES or _VALUE_TYPES[vtype][1] is None:
-            raise ValueError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}; "
-                             "the file is corrupt or newer than this reader (GGUF v3 types 0-12)")
+            raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}; "
+                            "the file is corrupt or newer than this reader (GGUF v3 types 0-12)")
         return _VALUE_TYPES[vtype][1]
 
 
@@ -148,10 +157,18 @@ class GGUFFile:
     The file stays mapped while this object lives; ``raw(name)`` is a view of a tensor's bytes and
     ``dequantize(name)`` a new float32 array. Any malformed part (magic, version, a read past the
     end, a tensor whose data lies past the end, an unknown metadata type) raises a one-line
-    ``ValueError`` naming the file.
+    ``GGUFError`` naming the file.
     """
 
     def __init__(self, path):
+        try:
+            self._parse(path)
+        except (struct.error, OverflowError, TypeError, RecursionError, MemoryError) as e:
+            raise GGUFError(f"{path}: the GGUF file is malformed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-download or "
+                            "re-convert it") from None
+
+    def _parse(self, path):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file {str(self.path)!r} does not exist; pass the path of a "
@@ -159,8 +176,8 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             size = self.path.stat().st_size
             if size < 24:   # magic, version, two counts
-                raise ValueError(f"{self.path}: truncated GGUF file ({size} bytes, the header alone "
-                                 "is 24); re-download or re-convert it")
+                raise GGUFError(f"{self.path}: truncated GGUF file ({size} bytes, the header alone "
+                                "is 24); re-download or re-convert it")
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)   # a view of the mapping, no copy
         cur = _Cursor(self._mmap, self.path)
@@ -168,17 +185,20 @@ class GGUFFile:
         magic = bytes(self._mmap[0:4])
         cur.take(4)
         if magic != GGUF_MAGIC:
-            raise ValueError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); "
-                             "pass a .gguf file written by llama.cpp or the gguf package")
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF'); "
+                            "pass a .gguf file written by llama.cpp or the gguf package")
         self.version = cur.scalar("<I")
         if self.version not in (2, 3):
-            raise ValueError(f"{self.path}: GGUF version {self.version} is not supported; this "
-                             "reader knows versions 2 and 3")
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported; this "
+                            "reader knows versions 2 and 3")
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
 
         self.metadata: dict = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.metadata:
+                raise GGUFError(f"{self.path}: metadata key {key!r} appears twice; expected each "
+                                "key once (the file is corrupt)")
             self.metadata[key] = cur.value(cur.scalar("<I"), key)
 
         infos = []
@@ -189,21 +209,25 @@ class GGUFFile:
             ttype, rel = cur.scalar("<I"), cur.scalar("<Q")
             infos.append((name, tuple(reversed(dims)), ttype, rel))   # dims innermost-first
 
-        self.alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if self.alignment <= 0:
-            raise ValueError(f"{self.path}: general.alignment is {self.alignment}; it must be positive")
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(self.alignment, bool) or not isinstance(self.alignment, int) \
+                or self.alignment <= 0:
+            raise GGUFError(f"{self.path}: general.alignment is {self.alignment!r}; expected a positive integer")
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment   # round up to alignment
 
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, ttype, rel in infos:
+            if name in self.tensors:
+                raise GGUFError(f"{self.path}: tensor {name!r} appears twice; expected each name "
+                                "once (the file is corrupt)")
             info = GGUFTensorInfo(name, shape, ttype, self.data_offset + rel)
             if rel % self.alignment:
-                raise ValueError(f"{self.path}: tensor {name!r} has offset {rel}, not a multiple of "
-                                 f"the alignment {self.alignment}; the file is corrupt")
+                raise GGUFError(f"{self.path}: tensor {name!r} has offset {rel}, not a multiple of "
+                                f"the alignment {self.alignment}; the file is corrupt")
             end = info.offset + (info.nbytes if ttype in GGML_TYPES else 0)
             if end > size:
-                raise ValueError(f"{self.path}: tensor {name!r} ends at byte {end} but the file has "
-                                 f"{size}; the file is truncated, re-download it")
+                raise GGUFError(f"{self.path}: tensor {name!r} ends at byte {end} but the file has "
+                                f"{size}; the file is truncated, re-download it")
             self.tensors[name] = info
 
     def __repr__(self) -> str:
@@ -219,13 +243,13 @@ class GGUFFile:
         """The tensor as a new float32 array of its NumPy shape."""
         info = self._info(name)
         if info.type_name not in SUPPORTED_TYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has ggml type {info.type_name}, which "
-                             f"minilora does not dequantize; use a file quantized as one of "
-                             f"{', '.join(SUPPORTED_TYPES)}")
+            raise GGUFError(f"{self.path}: tensor {name!r} has ggml type {info.type_name}, which "
+                            f"minilora does not dequantize; use a file quantized as one of "
+                            f"{', '.join(SUPPORTED_TYPES)}")
         _, block, _ = GGML_TYPES[info.type]
         if info.n_elements % block:
-            raise ValueError(f"{self.path}: tensor {name!r} has {info.n_elements} elements, not a "
-                             f"whole number of {info.type_name} blocks of {block}; the file is corrupt")
+            raise GGUFError(f"{self.path}: tensor {name!r} has {info.n_elements} elements, not a "
+                            f"whole number of {info.type_name} blocks of {block}; the file is corrupt")
         return dequantize_blocks(self.raw(name), info.type_name).reshape(info.shape)
 
     def _info(self, name: str) -> GGUFTensorInfo:
@@ -258,8 +282,8 @@ def dequantize_blocks(raw: np.ndarray, type_name: str) -> np.ndarray:
         d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])           # (n_blocks, 1) each
         q = _nibbles(blocks[:, 4:]).astype(np.float32)              # (n_blocks, 32), in 0..15
         return (q * d + m).reshape(-1)
-    raise ValueError(f"ggml type {type_name} is not dequantized here; supported: "
-                     f"{', '.join(SUPPORTED_TYPES)}")
+    raise GGUFError(f"ggml type {type_name} is not dequantized here; supported: "
+                    f"{', '.join(SUPPORTED_TYPES)}")
 
 
 def _f16(two_bytes: np.ndarray) -> np.ndarray:
@@ -278,5 +302,5 @@ def read_gguf(path) -> tuple[dict, dict]:
     return f.metadata, f.tensors
 
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "GGML_TYPES", "SUPPORTED_TYPES", "dequantize_blocks",
+__all__ = ["GGUFError", "GGUFFile", "GGUFTensorInfo", "GGML_TYPES", "SUPPORTED_TYPES", "dequantize_blocks",
            "read_gguf"]

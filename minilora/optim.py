@@ -6,7 +6,8 @@
 * State (momentum buffers, Adam's two moments) exists only for parameters that require grad. This is
   the memory half of LoRA's saving: a frozen 7B base needs no optimizer state at all, only the
   adapters do (2 x 4 bytes per trainable parameter for AdamW).
-* ``clip_grad_norm_`` rescales all gradients together so their global L2 norm is at most max_norm.
+* ``clip_grad_norm_`` rescales all gradients together so their global L2 norm is at most max_norm;
+  ``global_grad_norm`` is that norm, computed without overflow.
 * ``get_cosine_schedule_with_warmup`` / ``WarmupCosine``: linear warm-up then a half-cosine decay,
   the schedule of transformers' function of the same name.
 
@@ -222,20 +223,79 @@ class AdamW(Optimizer):
         p.data -= lr * (m_hat / (xpmod.sqrt(v_hat) + eps) + weight_decay * p.data)
 
 
-def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> float:
+class NonFiniteGradientError(RuntimeError):
+    """The gradients' global norm is inf or NaN, so they cannot be clipped (raised by
+    ``clip_grad_norm_(..., error_if_nonfinite=True)``, as torch raises its RuntimeError)."""
+
+
+def _param_norm(g) -> float:
+    """L2 norm of one gradient array, as a Python float, without overflow.
+
+    The float32 dot product overflows to inf once an element passes ~1.8e19 (its square passes
+    float32's max, 3.4e38), although the norm itself may be finite. Then the array is divided by
+    its largest magnitude m first (every element in [-1, 1], so the dot is at most g.size) and the
+    norm is m·sqrt(dot). An array holding inf or NaN keeps its inf or NaN norm, as torch reports it.
+    """
+    xpmod = backend.get_xp(g)
+    flat = g.ravel()
+    sq = float(xpmod.vdot(flat, flat))
+    if math.isfinite(sq):
+        return math.sqrt(sq)
+    m = float(xpmod.abs(flat).max())
+    if not math.isfinite(m):
+        return m                                  # inf, or NaN (max propagates NaN)
+    scaled = flat / flat.dtype.type(m)
+    return m * math.sqrt(float(xpmod.vdot(scaled, scaled)))
+
+
+def global_grad_norm(parameters) -> float:
+    """The L2 norm of all gradients together, sqrt(Σ_p ‖g_p‖²), as a Python float; parameters without
+    a gradient are skipped (0.0 when none has one). Summed in float64 from per-parameter norms that
+    do not overflow (``_param_norm``), so finite gradients near float32's max give a finite norm.
+    NaN if any gradient holds a NaN, else inf if any holds an inf."""
+    norms = [_param_norm(p.grad) for p in parameters if p.grad is not None]
+    if any(math.isnan(n) for n in norms):
+        return math.nan
+    if any(math.isinf(n) for n in norms):
+        return math.inf
+    top = max(norms, default=0.0)
+    if top == 0.0:
+        return 0.0
+    # divide by the largest norm before squaring: float64 then cannot overflow either
+    return top * math.sqrt(sum((n / top) ** 2 for n in norms))
+
+
+def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6,
+                    error_if_nonfinite: bool = False) -> float:
     """Scale every gradient by min(1, max_norm / (total_norm + eps)); return the total L2 norm
-    (before clipping), as torch.nn.utils.clip_grad_norm_. Parameters without a gradient are skipped."""
+    (before clipping), as torch.nn.utils.clip_grad_norm_. Parameters without a gradient are skipped.
+
+    The norm is ``global_grad_norm``'s: it does not overflow, so gradients near float32's max
+    (3e38) are clipped where torch's float32 norm overflows to inf and zeroes them all.
+    When the norm is inf or NaN (a gradient holds an inf or a NaN) it is returned as torch returns
+    it; with ``error_if_nonfinite=True`` a ``NonFiniteGradientError`` (a RuntimeError, as torch's) is
+    raised instead. Unlike torch, the gradients are then left unscaled: scaling by a non-finite norm
+    turns every gradient into 0 or NaN, which hides which one broke (``train`` stops or skips such a
+    step before the optimizer sees it).
+    """
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
-    xpmod = backend.get_xp(params[0].grad)
-    sq = [xpmod.vdot(p.grad.ravel(), p.grad.ravel()) for p in params]   # one dot per parameter
-    total = float(xpmod.sqrt(xpmod.sum(xpmod.stack([xpmod.asarray(s, dtype=xpmod.float64)
-                                                          for s in sq]))))
+    total = global_grad_norm(params)
+    if not math.isfinite(total):
+        if error_if_nonfinite:
+            raise NonFiniteGradientError(
+                f"the total gradient norm is {total}, so the gradients cannot be clipped; find the "
+                "inf/NaN source, or pass error_if_nonfinite=False to get the norm back instead")
+        return total
     coef = max_norm / (total + eps)
     if coef < 1.0:
         for p in params:  # out of place: a gradient array may be shared with user code
-            p.grad = p.grad * p.grad.dtype.type(coef)
+            dtype = p.grad.dtype.type
+            if coef >= np.finfo(p.grad.dtype).tiny:
+                p.grad = p.grad * dtype(coef)
+            else:   # coef is subnormal in the gradient's dtype (total near its max): scale in float64
+                p.grad = (p.grad.astype(np.float64) * coef).astype(p.grad.dtype)
     return total
 
 
@@ -300,5 +360,6 @@ def get_constant_schedule(optimizer: Optimizer) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: 1.0)
 
 
-__all__ = ["Optimizer", "SGD", "AdamW", "clip_grad_norm_", "WarmupCosine", "LambdaLR",
-           "get_cosine_schedule_with_warmup", "get_constant_schedule"]
+__all__ = ["Optimizer", "SGD", "AdamW", "clip_grad_norm_", "global_grad_norm",
+           "NonFiniteGradientError", "WarmupCosine", "LambdaLR", "get_cosine_schedule_with_warmup",
+           "get_constant_schedule"]

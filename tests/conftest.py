@@ -75,6 +75,31 @@ def requires_torch():
     return pytest.importorskip("torch", reason="the interop extra (torch) is not installed")
 
 
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    """(minilora model and its load time, transformers model, tokenizer, torch) for the SmolLM2
+    GGUF file, both models loaded from it; one pair per test module (tests may change them)."""
+    import time
+
+    from minilora.models import LlamaForCausalLM, smollm2_path
+    torch = pytest.importorskip("torch", reason="the interop extra is not installed: "
+                                "pip install 'minilora[interop]'")
+    transformers = pytest.importorskip("transformers", reason="the interop extra is not installed: "
+                                       "pip install 'minilora[interop]'")
+    pytest.importorskip("gguf", reason="the gguf package is not installed: pip install gguf")
+    try:
+        path = smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    start = time.perf_counter()
+    ours = LlamaForCausalLM.from_pretrained(path)
+    seconds = time.perf_counter() - start
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ours, seconds, hf, tok, torch
+
+
 @pytest.fixture
 def cuda_device():
     """For tests that only make sense on a GPU: skips, with the reason, where there is none."""

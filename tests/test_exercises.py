@@ -1,22 +1,28 @@
 """The exercise checker: it accepts the model answers, rejects every usual mistake with that mistake's
-hint, survives stubs and crashing code, and prints verdicts a learner can read.
+hint, names a mistake only when it explains every failing case, holds every output to its dtype and
+shape, survives stubs and crashing code, and prints verdicts a learner can read.
 
 Every task has its own marker (``pytest -m task_lora_forward``), as in minitorch. By default the
-answers checked are ``minilora.teaching.exercises.solutions``; point ``MINILORA_EXERCISES_FROM`` at a learner's
-Python file (functions named after the tasks) to grade that file instead:
+answers checked are ``minilora.teaching.exercises.solutions``; point ``MINILORA_EXERCISES_FROM`` at a
+learner's notebook (.ipynb) or script (.py) to grade that file instead. Only its function
+definitions, imports and call-free assignments are run (the rule of ``minilora grade``, in
+minilora/commands/grade.py), so stray cells cannot break it:
 
-    MINILORA_EXERCISES_FROM=alice.py pytest tests/test_exercises.py -m "task_lora_forward"
+    MINILORA_EXERCISES_FROM=submissions/alice.ipynb python -m pytest tests/test_exercises.py \
+        -k test_answers_pass -m task_lora_forward
 """
 import functools
-import importlib.util
 import os
+import random
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minilora import Tensor, backend
+from minilora.commands.grade import load_definitions
 from minilora.teaching.exercises import (CheckResult, ExerciseFailed, check, check_all, get_task, list_tasks,
                                 task_names)
 from minilora.teaching.exercises import checker
@@ -33,12 +39,13 @@ def _answers():
     path = os.environ.get("MINILORA_EXERCISES_FROM")
     if not path:
         return model_answers
-    spec = importlib.util.spec_from_file_location("learner_answers", path)
-    if spec is None:
-        raise ValueError(f"MINILORA_EXERCISES_FROM={path!r} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if not Path(path).is_file() or Path(path).suffix not in (".ipynb", ".py"):
+        raise ValueError(f"MINILORA_EXERCISES_FROM={path!r} is not a notebook (.ipynb) or script (.py); "
+                         f"give the path of a learner's file")
+    namespace, notes = load_definitions(path)
+    for note in notes:
+        print(f"MINILORA_EXERCISES_FROM: {note}")
+    return types.SimpleNamespace(**namespace)
 
 
 def _task_param(name):
@@ -161,8 +168,9 @@ def test_failure_verdict_names_case_shapes_expected_got_and_hint():
     assert lines[0].startswith(f"✗ lora_forward failed on case {result.case} of {result.n_cases}")
     for arg in ("x (", "W0 (", "A (", "B (", "alpha=", "r="):
         assert arg in lines[0]
-    assert lines[1].strip().startswith("expected (") and lines[2].strip().startswith("got      (")
-    assert "largest |diff|" in lines[3] and "np.float64" not in result.message
+    assert lines[1].strip() == "what differs: the values (its type, shape and dtype are right)"
+    assert lines[2].strip().startswith("expected (") and lines[3].strip().startswith("got      (")
+    assert "largest |diff|" in lines[4] and "np.float64" not in result.message
     assert lines[-2].strip().startswith("hint: you scaled by alpha")
     assert lines[-1].strip() == f"({result.n_failed} of {result.n_cases} cases failed)"
     assert result.case_args is not None and set(result.case_args) == {"x", "W0", "A", "B", "alpha", "r"}
@@ -283,6 +291,115 @@ def test_a_near_miss_is_still_rejected():
     result = check("merge", almost, verbose=False)
     assert not result and result.mistake is None
     assert "hint: W = W0 + (α/r) · B @ A" in result.message
+
+
+# ---------------------------------------------------------------- honest hints, exact contracts
+def test_a_mistake_that_explains_one_failing_case_only_is_not_named():
+    """alpha // r equals "forgot the adapter" where α < r (the scaling floors to 0) but not where α/r
+    is a fraction above 1 (16 // 3 = 5): no usual mistake explains every failing case."""
+    def floor_division(x, W0, A, B, alpha, r):
+        return x @ W0.T + (alpha // r) * (x @ A.T) @ B.T
+    result = check("lora_forward", floor_division, verbose=False)
+    assert not result and result.mistake is None, result.message
+    assert _mistake("lora_forward", "forgot_adapter").hint not in result.message
+    assert result.differs == "values"
+    assert "what differs: the values (its type, shape and dtype are right)" in result.message
+    assert result.message.splitlines()[-2].strip() == f"hint: {get_task('lora_forward').hint}"
+
+
+def test_front_padding_is_not_called_a_nibble_swap():
+    """Padding an odd count in front equals the nibble swap on a single index ([7, 12] -> 0x7C) and
+    nowhere else, so the verdict names no mistake and shows that case's own note."""
+    def front_padded(indices):
+        idx = np.asarray(indices, dtype=np.uint8)
+        if idx.size % 2 == 1:
+            idx = np.concatenate([np.array([7], np.uint8), idx])
+        return ((idx[0::2] << 4) | idx[1::2]).astype(np.uint8)
+    result = check("pack_nibbles", front_padded, verbose=False)
+    assert not result and result.mistake is None, result.message
+    assert _mistake("pack_nibbles", "low_high_swapped").hint not in result.message
+    assert result.message.splitlines()[0].startswith("✗ pack_nibbles failed on case 3 of 34 (a single "
+                                                     "index): indices (1,) uint8 = [12]")
+    assert "[12] packs to 12 << 4 | 7 = 199" in result.message
+
+
+def test_pack_nibbles_must_return_uint8():
+    """The task says uint8: the right bytes as int64 fail, on the dtype, with the conversion to use."""
+    result = check("pack_nibbles", lambda idx: model_answers.pack_nibbles(idx).astype(np.int64),
+                   verbose=False)
+    assert not result and result.differs == "dtype" and result.mistake is None
+    assert "what differs: the dtype (its shape is right)" in result.message
+    assert "expected dtype uint8, got int64 (the shape (1,) is right): convert with .astype(np.uint8)" \
+        in result.message
+    assert "packs to" not in result.message          # the case's note is about values, not dtypes
+
+
+def _as(dtype):
+    return lambda v: np.asarray(v).astype(dtype)
+
+
+@pytest.mark.parametrize("name,change,expected", [
+    ("lora_forward", lambda h: h.astype(np.float32), "expected dtype float64, got float32"),
+    ("count_lora_params", float, "expected a whole number (int) 4,194,304, got float64 (a Python float)"),
+    ("nf4_quantize_block", lambda out: (out[0].astype(np.int64), out[1]),
+     "expected indices dtype uint8, got int64"),
+    ("nf4_quantize_block", lambda out: (out[0], float(out[1])),
+     "expected absmax a float32 number"),
+    ("double_quantize_absmax", lambda out: (out[0], out[1].astype(np.float64), out[2]),
+     "expected nested_absmax dtype float32, got float64"),
+    ("memory_full_lora_qlora", lambda out: {k: float(v) for k, v in out.items()},
+     "expected 'full' a whole number (int)"),
+    ("merge", lambda W: W[None], "expected shape (2, 3), got shape (1, 2, 3)"),
+    ("count_lora_params", lambda n: np.array([n]), "expected a number, got an array of shape (1,)"),
+], ids=["float32-h", "float-count", "int64-indices", "python-float-absmax", "float64-nested",
+        "float-bytes", "extra-axis", "count-in-array"])
+def test_dtype_and_shape_are_part_of_every_contract(name, change, expected):
+    """Right values in the wrong dtype or shape fail, before any value is compared; a count must be
+    an int, a float32 scale a float32 (the task's signature and the notebook's docstring say so)."""
+    answer = getattr(model_answers, name)
+    result = check(name, lambda *args: change(answer(*args)), max_examples=0, verbose=False)
+    assert not result and result.differs in ("dtype", "shape") and result.mistake is None
+    assert expected in result.message, result.message
+
+
+def test_every_contract_states_the_output_dtype():
+    for name in TASKS:
+        said = get_task(name).signature + (getattr(model_answers, name).__doc__ or "")
+        assert any(w in said for w in ("float64", "float32", "uint8", "an int", "int}")), name
+
+
+def test_the_alternative_roundings_do_not_excuse_a_wrong_dtype():
+    """nf4_quantize_block and double_quantize_absmax accept two roundings of the codes; codes of
+    the right values in int64 are still wrong."""
+    r = check("nf4_quantize_block", lambda b: (model_answers.nf4_quantize_block(b)[0].astype(np.int64),
+                                               model_answers.nf4_quantize_block(b)[1]), verbose=False)
+    assert not r and r.differs == "dtype"
+    r = check("double_quantize_absmax",
+              lambda a: (model_answers.double_quantize_absmax(a)[0].astype(np.int16),
+                         *model_answers.double_quantize_absmax(a)[1:]), verbose=False)
+    assert not r and r.differs == "dtype"
+
+
+def _noisy(x, W0, A, B, alpha, r):
+    """A wrong answer whose output depends on every generator a learner might draw from."""
+    noise = np.random.standard_normal() + random.random() + backend.rng().standard_normal()
+    return model_answers.lora_forward(x, W0, A, B, alpha, r) + 1e-3 * noise
+
+
+def test_a_verdict_does_not_depend_on_the_random_state_before_it():
+    """Each check seeds the generators for its task and puts them back: the same verdict whatever
+    ran before, and the caller's random numbers untouched (two tests once passed or failed depending
+    on the order they ran in)."""
+    verdicts = []
+    for seed in (0, 1, 2):
+        np.random.seed(seed)
+        random.seed(seed)
+        backend.manual_seed(seed)
+        before = np.random.get_state()[1].copy(), random.getstate(), backend.rng().bit_generator.state
+        verdicts.append(check("lora_forward", _noisy, verbose=False).message)
+        assert np.array_equal(np.random.get_state()[1], before[0])
+        assert random.getstate() == before[1] and backend.rng().bit_generator.state == before[2]
+    assert verdicts[0] == verdicts[1] == verdicts[2]
 
 
 def test_the_teachers_guide_covers_every_task_and_mistake():

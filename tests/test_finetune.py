@@ -9,22 +9,17 @@ import re
 import numpy as np
 import pytest
 
-from minilora import backend
 from minilora.cli import main as cli_main
 from minilora.data import ByteTokenizer, make_instruction_dataset, save_alpaca_json
 from minilora.commands.finetune import exact_match_accuracy, per_family_accuracy, generate_answers, lora_finetune
 from minilora.lora import LoraConfig, PeftModel
-from minilora.models import BASE_MODEL_DIR, LlamaConfig, LlamaForCausalLM, load_base_model
+from minilora.models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
+from _tiny_llama import save_tiny_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    backend.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=128))
-    d = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(d)
-    return d
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 def test_generate_answers_groups_prompts_by_length(tiny_base):

@@ -130,6 +130,62 @@ def test_cross_entropy_twin(dtype, lead, c, reduction, seed):
 
 @pytest.mark.fast_path
 @pytest.mark.parametrize("dtype", DTYPES)
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=2).map(tuple), c=st.integers(1, 9),
+       v=st.integers(1, 13), chunk=st.integers(1, 5), ignored=st.integers(0, 3),
+       reduction=st.sampled_from(["mean", "sum"]), seed=seeds)
+def test_linear_cross_entropy_twin(dtype, lead, c, v, chunk, ignored, reduction, seed):
+    """The chunked head + loss equals cross_entropy(linear(x, W), t): loss, dL/dx (zero on ignored
+    rows) and dL/dW, for any chunk size (one row, a part, more than all)."""
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, v, size=lead)
+    t.reshape(-1)[:ignored] = -100                      # ignored positions are skipped by the twin
+    if reduction == "mean" and (t != -100).sum() == 0:
+        t.reshape(-1)[-1] = 0                          # a mean over no position is NaN: tested below
+    arrays = [rand(*lead, c, seed=seed), rand(v, c, seed=seed + 1)]
+    # the longest sums: a logit (c terms), the softmax's normaliser (v), dW over the rows (t.size)
+    assert_twin_equals_reference(
+        lambda x, w: fast_functional.linear_cross_entropy(x, w, t, -100, reduction, chunk_rows=chunk),
+        lambda x, w: F.linear_cross_entropy(x, w, t, reduction=reduction), arrays, dtype,
+        K=max(c, v, t.size))
+
+
+@pytest.mark.fast_path
+def test_linear_cross_entropy_threads_frozen_weight_and_no_grad(monkeypatch):
+    """Chunks shared among threads give the reference's values; a frozen W gets no gradient and
+    costs no dW; under no_grad nothing is kept for a backward."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    monkeypatch.setattr(settings, "MIN_PARALLEL_ELEMENTS", 0)
+    assert len(parallel.split_rows(7, 10**6, np)) == 2
+    t = np.random.default_rng(1).integers(0, 11, size=(3, 7))
+    t[1, 2] = -100
+    x, w = rand(3, 7, 5, seed=2), rand(11, 5, seed=3)
+    twin = lambda a, b: fast_functional.linear_cross_entropy(a, b, t, chunk_rows=3)  # noqa: E731
+    assert_twin_equals_reference(twin, lambda a, b: F.linear_cross_entropy(a, b, t), [x, w],
+                                 np.float32, K=21)
+    xt, wt = Tensor(x.astype(np.float32), requires_grad=True), Tensor(w.astype(np.float32))
+    twin(xt, wt).backward()
+    assert wt.grad is None and xt.grad is not None and (xt.grad[1, 2] == 0).all()
+    with minilora.no_grad():
+        out = twin(Tensor(x, requires_grad=True), Tensor(w, requires_grad=True))
+    assert not out.requires_grad and out._backward is None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 0 / 0: a mean over no position
+def test_linear_cross_entropy_errors_and_mean_over_nothing():
+    x, w = Tensor(rand(2, 3, 4), requires_grad=True), Tensor(rand(6, 4))
+    for reference in (False, True):
+        with minilora.reference(reference):
+            assert np.isnan(F.linear_cross_entropy(x, w, np.full((2, 3), -100)).item())
+            with pytest.raises(ValueError, match="outside \\[0, 6\\)"):
+                F.linear_cross_entropy(x, w, np.full((2, 3), 6))
+            with pytest.raises(ValueError, match="targets shape"):
+                F.linear_cross_entropy(x, w, np.zeros((3, 2), dtype=int))
+            with pytest.raises(ValueError, match="input has 4 features but the weight expects 5"):
+                F.linear_cross_entropy(x, Tensor(rand(6, 5)), np.zeros((2, 3), dtype=int))
+
+
+@pytest.mark.fast_path
+@pytest.mark.parametrize("dtype", DTYPES)
 @given(lead=lead_shapes, c=st.integers(1, 17), weight=st.booleans(), seed=seeds)
 def test_rms_norm_twin(dtype, lead, c, weight, seed):
     arrays = [rand(*lead, c, seed=seed)] + ([rand(c, seed=seed + 1)] if weight else [])
@@ -239,6 +295,9 @@ REFERENCE_CASES = {
                       [rand(2, 3, 5, scale=2.0)]),
     "cross_entropy_sum": (lambda z: F.cross_entropy(z, np.array([2, 0, -100]), reduction="sum"),
                           [rand(3, 4)]),
+    "linear_cross_entropy": (lambda x, w: F.linear_cross_entropy(x, w, np.array([[1, -100, 4],
+                                                                                 [0, 2, 3]])),
+                             [rand(2, 3, 4), rand(5, 4, seed=1)]),
     "rms_norm": (lambda x, w: F.rms_norm(x, w, 1e-5), [rand(2, 3, 6), rand(6, seed=1)]),
     "rms_norm_no_weight": (lambda x: F.rms_norm(x, None, 1e-5), [rand(2, 6)]),
     "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), [rand(2, 3, 6), rand(6, seed=1),

@@ -11,7 +11,6 @@ the loaded model's logits match transformers' model built from the same file.
 """
 import importlib.metadata
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -394,24 +393,6 @@ def test_every_smollm2_tensor_dequantizes_like_gguf():
         assert got.shape == want.shape, t.name
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), t.name)
     assert {"Q4_1", "Q8_0", "F32"} <= seen
-
-
-@pytest.fixture(scope="module")
-def smollm2_pair():
-    """(minilora model and its load time, transformers model, tokenizer) for the SmolLM2 file."""
-    torch = pytest.importorskip("torch", reason="the interop extra is not installed: "
-                                "pip install 'minilora[interop]'")
-    transformers = pytest.importorskip("transformers", reason="the interop extra is not installed: "
-                                       "pip install 'minilora[interop]'")
-    _gguf()
-    path = _smollm2()
-    start = time.perf_counter()
-    ours = LlamaForCausalLM.from_pretrained(path)
-    seconds = time.perf_counter() - start
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return ours, seconds, hf, tok, torch
 
 
 @pytest.mark.interop

@@ -27,14 +27,14 @@ PACKAGE = "minilora"
 # subpackage's __init__.py belongs to its folder's layer.
 LAYERS = [
     ("backend", ["backend.py", "settings.py", "fileio.py", "gguf.py"]),
-    ("autograd", ["tensor.py", "ops.py", "autograd.py"]),
+    ("autograd", ["tensor.py", "ops.py", "autograd.py", "checkpoint.py"]),
     ("fast", ["fast/"]),
     ("functional", ["functional.py", "testing.py"]),
     ("nn", ["nn/", "optim.py", "data/"]),
     ("models", ["models/"]),
     ("lora", ["lora/", "quant/", "paged_optim.py"]),
-    ("train", ["train.py", "data_parallel.py", "memory.py"]),
-    ("teaching", ["teaching/"]),
+    ("train", ["train.py", "resume.py", "data_parallel.py", "memory.py"]),
+    ("teaching", ["teaching/", "viz.py"]),
     ("commands", ["commands/"]),
     ("cli", ["cli.py", "__main__.py", "__init__.py"]),
 ]

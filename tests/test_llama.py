@@ -6,23 +6,12 @@ import struct
 import numpy as np
 import pytest
 
-from minilora import Tensor, backend, nn
+from minilora import Tensor, nn
 from minilora import functional as F
-from minilora.models import (BASE_MODEL_DIR, CausalLMOutput, CheckpointError, KVCache, LlamaConfig,
+from minilora.models import (BASE_MODEL_DIR, CausalLMOutput, CheckpointError, KVCache,
                              LlamaForCausalLM, load_base_model, sample_next_token)
 
-SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             pad_token_id=None, bos_token_id=None, eos_token_id=None)
-
-
-def model_of(**kw):
-    backend.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**SMALL, **kw}))
-
-
-def ids_of(B=2, T=7, V=61, seed=0):
-    return np.random.default_rng(seed).integers(0, V, (B, T))
+from _tiny_llama import ids_of, model_of  # noqa: E402
 
 
 # ---------------------------------------------------------------- structure

@@ -141,7 +141,8 @@ def test_shape_mismatch_names_module_and_sizes(tmp_path):
     with pytest.raises(ValueError) as e:
         PeftModel.from_pretrained(other, tmp_path)
     msg = _one_line(e)
-    assert re.fullmatch(r"shape of lora_A for model\.layers\.0\.\S+ is \(4, (32|48)\) but the base "
+    assert re.fullmatch(r"\S+adapter_model\.safetensors: shape of lora_A for model\.layers\.0\.\S+ "
+                        r"is \(4, (32|48)\) but the base "
                         r"layer has in_features (64|96); .*", msg)
     assert not any("lora" in n for n, _ in other.named_parameters())
 

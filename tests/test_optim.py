@@ -230,6 +230,51 @@ def test_clip_grad_norm_matches_torch(max_norm):
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("bad", [[np.inf, 1.0], [np.nan, 1.0], [np.inf, np.nan], [-np.inf, 2.0]])
+def test_clip_grad_norm_reports_nonfinite_gradients_as_torch(bad):
+    """torch returns the inf/NaN norm, or raises with error_if_nonfinite=True; so does minilora
+    (leaving the gradients unscaled where torch turns them into 0 and NaN)."""
+    torch = pytest.importorskip("torch")
+    ps = [nn.Parameter(np.zeros(2, dtype=np.float32)) for _ in range(2)]
+    tps = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    for p, t, g in zip(ps, tps, (bad, [1.0, 2.0])):
+        p.grad = np.array(g, dtype=np.float32)
+        t.grad = torch.tensor(g, dtype=torch.float32)
+    total = clip_grad_norm_(ps, 1.0)
+    ttotal = float(torch.nn.utils.clip_grad_norm_(tps, 1.0))
+    assert (math.isnan(total) and math.isnan(ttotal)) or total == ttotal
+    np.testing.assert_array_equal(ps[0].grad, np.array(bad, dtype=np.float32))
+    for p, t in zip(ps, tps):
+        t.grad = torch.tensor(p.grad)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(tps, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="error_if_nonfinite=False"):
+        clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+
+
+@pytest.mark.interop
+def test_clip_grad_norm_of_huge_finite_gradients_matches_torch_in_float64():
+    """Gradients of 3e38: torch's float32 norm overflows to inf (and clipping zeroes them); minilora's
+    does not overflow and equals torch's float64 norm, and its clipped gradients torch's float64
+    clipped ones, to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    grads = [np.array([3e38, -3e38, 1e38], dtype=np.float32), np.array([2e38, 5.0], dtype=np.float32)]
+    ps = [nn.Parameter(np.zeros_like(g)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g.copy()
+    t32 = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
+    t64 = [torch.nn.Parameter(torch.zeros(g.shape, dtype=torch.float64)) for g in grads]
+    for a, b, g in zip(t32, t64, grads):
+        a.grad = torch.tensor(g)
+        b.grad = torch.tensor(g.astype(np.float64))
+    assert math.isinf(float(torch.nn.utils.clip_grad_norm_(t32, 1.0)))   # what minilora avoids
+    want = float(torch.nn.utils.clip_grad_norm_(t64, 1.0))
+    assert clip_grad_norm_(ps, 1.0) == pytest.approx(want, rel=1e-6)
+    for p, t in zip(ps, t64):
+        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.interop
 def test_cosine_schedule_matches_transformers():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -519,12 +519,15 @@ def test_qlora_finetune_reaches_the_lora_finetune():
     A initialisation: they differ only in the base weights.
 
     Measured with the shipped base (docstrings + copy drills; 60 steps, batch 8, lr 5e-3, 400
-    training / 40 held-out examples; ~40 s on 2 cores): held-out loss LoRA 4.549 -> 1.565, QLoRA
-    4.622 -> 1.603 (its base is the 4-bit one); exact match LoRA 22.5%, QLoRA 25.0%. With the
+    training / 120 held-out examples; ~50 s on 2 cores), seed 0 as asserted: held-out loss LoRA
+    4.636 -> 1.620, QLoRA 4.683 -> 1.707 (its base is the 4-bit one); exact match LoRA 16.7%, QLoRA
+    8.3%. Seeds 1, 2, 3 (the A initialisation and the batch order): LoRA 6.7 / 18.3 / 12.5%, QLoRA
+    6.7 / 21.7 / 13.3%, held-out losses within 0.03: the accuracy gap swings by several points from
+    seed to seed (mean over the four seeds: 1.1 points in LoRA's favour). With the
     docstrings-only base before it, at the demo's full settings (300 steps, batch 16, 2000 / 70
     examples; seeds 0, 1, 2), exact match was LoRA 17.1 / 21.4 / 17.1%, QLoRA 18.6 / 17.1 / 15.7%: a
     mean margin of 1.4 points (one answer of 70), at most 4.3 (three answers). Asserted: QLoRA's
-    held-out loss within 0.3 of LoRA's, its accuracy no more than 10 points (4 of 40 answers) below.
+    held-out loss within 0.3 of LoRA's, its accuracy no more than 10 points (12 of 120 answers) below.
     """
     from minilora.data import ByteTokenizer, collate, make_instruction_dataset
     from minilora.commands.finetune import exact_match_accuracy, lora_finetune
@@ -533,7 +536,9 @@ def test_qlora_finetune_reaches_the_lora_finetune():
     if not (BASE_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the shipped base model is not built yet (minilora pretrain)")
     tok = ByteTokenizer()
-    train_set, test = make_instruction_dataset(400, 40, seed=0)
+    # 120 held-out answers: with 40 the standard deviation of the LoRA - QLoRA accuracy gap
+    # between seeds (~9 points: two correlated rates near 0.2) was as large as the 10-point margin
+    train_set, test = make_instruction_dataset(400, 120, seed=0)
     held_out = [collate(test, tok, 128)]
     results = {}
     for quantize in (None, "nf4"):

@@ -8,7 +8,8 @@
 4. Fine-tune on Alpaca-format instruction data with the prompt masked out of the loss.
 5. Ask again: the answers and the accuracy on instructions never seen in training.
 6. Merge W = W0 + (α/r)·B·A and check that the merged model computes the same logits.
-7. Save the adapter in PEFT's format (a few hundred KiB next to a multi-MiB base) and plot the loss.
+7. Save the adapter in PEFT's format (a few hundred KiB next to a multi-MiB base) and plot the loss,
+   in ``./minilora-demo`` (``--out``; never inside the installed package), named at the end.
 """
 from __future__ import annotations
 
@@ -20,26 +21,30 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from .checks import check_output_folder, nonnegative_int, positive_float, positive_int
+
+DEFAULT_OUT = "minilora-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r (default 8)")
-    parser.add_argument("--alpha", type=float, default=16,
-                        help="lora_alpha; the update is scaled by alpha / r (default 16)")
+    parser.add_argument("--rank", "-r", type=positive_int, default=8, help="LoRA rank r")
+    parser.add_argument("--alpha", type=positive_float, default=16,
+                        help="lora_alpha; the update is scaled by alpha / r")
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
                         help="modules that get adapters: comma-separated names or 'all-linear'")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-eval", type=int, default=70,
-                        help="held-out instructions scored by exact match (default 70)")
-    parser.add_argument("--show", type=int, default=5, help="held-out answers to print")
-    parser.add_argument("--out", default="minilora-demo",
-                        help="folder for the adapter and the loss curve (default ./minilora-demo)")
-    parser.add_argument("--base", help="base model folder (default: the shipped base model)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per step")
+    parser.add_argument("--n-eval", type=positive_int, default=70,
+                        help="held-out instructions scored by exact match")
+    parser.add_argument("--show", type=nonnegative_int, default=5, help="held-out answers to print")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="folder (made in the working directory unless a path is given) for the "
+                        "adapter and the loss curve; printed at the end")
+    parser.add_argument("--base", help="base model folder (default: the base model shipped in the package)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, LoRA init and dropout")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="cpu (NumPy) or cuda (CuPy); default $MINILORA_DEVICE or cpu")
+                        help="cpu (NumPy) or cuda (CuPy); default: $MINILORA_DEVICE or cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -118,9 +123,12 @@ def run(args) -> int:
     from ..models import BASE_MODEL_DIR, LlamaForCausalLM, load_base_model
 
     t_start = time.perf_counter()
+    out = check_output_folder(args.out)      # before any work: an existing file, or the package
+    if args.base is not None and not Path(args.base).is_dir():
+        raise ValueError(f"--base {args.base} is not a folder; pass a model folder (config.json + "
+                         "model.safetensors)")
     if args.device:
         backend.set_device(args.device)
-    out = Path(args.out)
     tok = ByteTokenizer()
 
     print("== 1. the base model")
@@ -188,7 +196,8 @@ def run(args) -> int:
           f"{size / 1024:.1f} KiB, {size / max(base_bytes, 1):.1%} of the base checkpoint")
     if save_loss_plot(history, out / "loss_curve.png"):
         print(f"   loss curve: {out / 'loss_curve.png'}")
-    print(f"\ndone in {time.perf_counter() - t_start:.0f} s. Load the adapter with "
+    print(f"\ndone in {time.perf_counter() - t_start:.0f} s; outputs in {out.resolve()}. Load the "
+          "adapter with "
           f"PeftModel.from_pretrained(load_base_model(), {str(adapter_dir)!r}), or merge it with "
           f"`minilora merge --adapter {adapter_dir} --out merged-model`.")
     return 0

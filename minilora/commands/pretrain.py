@@ -12,7 +12,13 @@ in a few CPU minutes. The recipe is nanoGPT's, at toy scale:
 * training: random 128-byte windows, AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then
   cosine decay, gradient clipping at 1.0, a fixed seed;
 * output: ``config.json`` + ``model.safetensors`` (Hugging Face's format) and a README.md recording
-  the command, the losses and a sample, in ``minilora/assets/base-model`` by default.
+  the command, the losses and a sample, in ``./minilora-base`` by default. Nothing is ever written
+  inside the installed package: the base model it ships is replaced by hand, by copying a folder
+  made here (``--out`` inside the package is refused);
+* faults: every argument is checked before any work; resumable checkpoints go to
+  ``--checkpoint-dir`` (``OUT-checkpoints``) every ``--checkpoint-every`` steps and on Ctrl-C, and
+  ``--resume DIR`` continues a run bit for bit; a diverged run does not replace an existing
+  ``--out`` without ``--force``.
 """
 from __future__ import annotations
 
@@ -26,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from .checks import (check_output_folder, fraction, int_at_least, nonnegative_float,
+                     nonnegative_int, positive_float, positive_int, refuse_diverged_overwrite)
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "base-model"
+DEFAULT_OUT = "minilora-base"
 SAMPLE_PROMPT = "The "
 SAMPLE_TOKENS = 200
 COPY_TEST_SPANS = 128
@@ -42,41 +50,75 @@ DEFAULT_COPY_FRACTION = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=str(DEFAULT_OUT),
-                        help="output folder (config.json, model.safetensors, README.md)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=128, help="tokens (bytes) per window")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); "
-                        "default: same as --heads")
-    parser.add_argument("--intermediate-size", type=int, default=344)
-    parser.add_argument("--max-position-embeddings", type=int, default=None,
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="output folder (config.json, model.safetensors, README.md); not inside "
+                        "the installed package")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per step")
+    parser.add_argument("--block-size", type=int_at_least(2), default=128,
+                        help="tokens (bytes) per window")
+    parser.add_argument("--hidden-size", type=positive_int, default=128, help="model width")
+    parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
+    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    parser.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA); "
+                        "default: as many as --heads")
+    parser.add_argument("--intermediate-size", type=positive_int, default=344, help="SwiGLU width")
+    parser.add_argument("--max-position-embeddings", type=positive_int, default=None,
                         help="context length written to the config (default: --block-size, the "
                         "length trained on; generation slides its window beyond it)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1,
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=fraction, default=0.1,
                         help="final lr as a fraction of the peak")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--warmup", type=nonnegative_int, default=100, help="linear warm-up steps")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.1,
+                        help="AdamW's decoupled weight decay (not on norm gains)")
+    parser.add_argument("--eval-every", type=positive_int, default=250,
+                        help="steps between validation losses")
+    parser.add_argument("--eval-batches", type=positive_int, default=16,
+                        help="validation batches per evaluation")
     parser.add_argument("--copy-fraction", type=float, default=DEFAULT_COPY_FRACTION,
-                        help="share of the training bytes that are synthetic copy drills (default "
-                        f"{DEFAULT_COPY_FRACTION:g}; 0 = docstrings only); validation is docstrings "
-                        "only either way")
-    parser.add_argument("--max-chars", type=int, default=None,
-                        help="use only the first N characters of the corpus (quick runs)")
+                        help="share of the training bytes that are synthetic copy drills, in [0, 1) "
+                        "(0 = docstrings only); validation is docstrings only either way")
+    parser.add_argument("--max-chars", type=positive_int, default=None,
+                        help="use only the first N characters of the corpus (quick runs; default: all)")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float16",
                         help="dtype of the saved weights (training is float32)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, data and sampling")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: $MINILORA_DEVICE or cpu")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for BLAS and minilora's kernels (default: all, up to 2); "
                         "1 is faster on a machine busy with other work")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="folder for resumable checkpoints (default: OUT-checkpoints)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=500,
+                        help="steps between resumable checkpoints (one is also saved on Ctrl-C)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help="continue the run saved in DIR (a checkpoint folder or the checkpoint "
+                        "dir: its newest), with the same other arguments "
+                        "(--steps too: the schedule depends on it)")
+    parser.add_argument("--force", action="store_true",
+                        help="save over an existing --out even when training diverged")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def validate(args) -> None:
+    """The checks that involve more than one argument, or the file system: before any work."""
+    check_output_folder(args.out)
+    if args.checkpoint_dir is not None:
+        check_output_folder(args.checkpoint_dir, "--checkpoint-dir")
+    if not 0.0 <= args.copy_fraction < 1.0:
+        raise ValueError(f"--copy-fraction must be in [0, 1), got {args.copy_fraction}")
+    if args.hidden_size % args.heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} must be a multiple of --heads {args.heads}")
+    if (args.hidden_size // args.heads) % 2:
+        raise ValueError(f"--hidden-size / --heads = {args.hidden_size // args.heads} must be even "
+                         "(RoPE rotates pairs of dimensions)")
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.resume is not None and not Path(args.resume).is_dir():
+        raise ValueError(f"--resume {args.resume} is not a folder; pass the checkpoint folder a run "
+                         "saved (see --checkpoint-dir)")
 
 
 def copy_accuracy(model, tokenizer, n: int = COPY_TEST_SPANS, seed: int = 1234) -> float:
@@ -187,8 +229,6 @@ def _limit_threads(n: int | None):
     import os
     if n is None:
         return contextlib.nullcontext()
-    if n < 1:
-        raise ValueError(f"--threads must be >= 1, got {n}")
     os.environ["MINILORA_NUM_THREADS"] = str(n)
     try:
         from threadpoolctl import threadpool_limits
@@ -198,6 +238,7 @@ def _limit_threads(n: int | None):
 
 
 def run(args) -> int:
+    validate(args)
     with _limit_threads(args.threads):
         return _run(args)
 
@@ -212,8 +253,6 @@ def _run(args) -> int:
         backend.set_device(args.device)
     backend.manual_seed(args.seed)
     tok = ByteTokenizer()
-    if not 0.0 <= args.copy_fraction < 1.0:
-        raise ValueError(f"--copy-fraction must be in [0, 1), got {args.copy_fraction}")
     train_ids, val_ids = pretraining_data(tok, max_chars=args.max_chars, seed=args.seed,
                                           copy_fraction=args.copy_fraction)
     config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
@@ -246,11 +285,14 @@ def _run(args) -> int:
             print(f"  {time.perf_counter() - t0:7.1f}s  val loss {loss:.4f}", flush=True)
         return loss
 
+    checkpoint_dir = args.checkpoint_dir or f"{Path(args.out)}-checkpoints"
     history = train(model, lambda step: random_batches(train_ids, args.batch_size, args.block_size,
                                                        data_rng),
                     optimizer, args.steps, eval_fn=eval_fn,
                     eval_every=args.eval_every, scheduler=scheduler, clip=1.0,
-                    progress=not args.no_progress, seed=args.seed, desc="pretrain")
+                    progress=not args.no_progress, seed=args.seed, desc="pretrain",
+                    checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                    resume_from=args.resume, rngs={"data": data_rng})
     seconds = time.perf_counter() - t0
     val_loss = history[-1]["eval_loss"] if history else evaluate(model, val_batches)
 
@@ -263,6 +305,7 @@ def _run(args) -> int:
     copy_score = copy_accuracy(model, tok)
 
     out_dir = Path(args.out)
+    refuse_diverged_overwrite(history, out_dir, args.force)
     model.save_pretrained(out_dir, dtype=np.float16 if args.dtype == "float16" else np.float32)
     from ..fileio import write_text_atomic
     write_text_atomic(out_dir / "README.md", _readme(args, config, n_params, history, val_loss,

@@ -10,10 +10,14 @@ batch); nothing depends on the autograd engine.
   optionally mixed with ``copy_drills`` (synthetic records that teach copying from the context).
 - ``make_instruction_dataset`` / ``load_alpaca_json`` / ``format_prompt``: instruction data.
 - ``collate`` / ``iterate_batches``: padded batches with the prompt masked out of the labels (-100).
+- ``encode_chat`` / ``collate_chat`` / ``make_chat_dataset``: conversations with the loss on the
+  assistant's turns only, and two generated chat tasks (a pirate persona, JSON extraction).
 """
-from .bpe import BPETokenizer
+from .bpe import BPETokenizer, TokenizerError
 from .chat_template import ChatTemplateError, render_chat_template
 from .batching import IGNORE_INDEX, collate, encode_instruction, encode_prompt, iterate_batches
+from .chat_sft import (CHAT_TASKS, assistant_spans, chat_metric, collate_chat, encode_chat,
+                       load_chat_jsonl, make_chat_dataset)
 from .instructions import (NAMES, TASK_FAMILIES, WORDS, exact_match, format_prompt, load_alpaca_json,
                            load_instruction_dataset, make_instruction_dataset, save_alpaca_json,
                            task_family)
@@ -22,8 +26,10 @@ from .pretraining import (cache_dir, copy_drills, extract_docstrings, load_stdli
 from .tokenizer import ByteTokenizer
 
 __all__ = [
-    "ByteTokenizer", "BPETokenizer", "ChatTemplateError", "render_chat_template",
+    "ByteTokenizer", "BPETokenizer", "TokenizerError", "ChatTemplateError", "render_chat_template",
     "IGNORE_INDEX", "collate", "encode_instruction", "encode_prompt", "iterate_batches",
+    "CHAT_TASKS", "assistant_spans", "chat_metric", "collate_chat", "encode_chat", "load_chat_jsonl",
+    "make_chat_dataset",
     "NAMES", "TASK_FAMILIES", "WORDS", "exact_match", "format_prompt", "load_alpaca_json",
     "load_instruction_dataset", "make_instruction_dataset", "save_alpaca_json", "task_family",
     "cache_dir", "copy_drills", "extract_docstrings", "load_stdlib_corpus", "load_stdlib_docstrings",

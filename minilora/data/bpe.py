@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import settings
-from .chat_template import render_chat_template
+from .chat_template import compile_chat_template, render_chat_template
 
 # ------------------------------------------------------------------ bytes as printable characters
 
@@ -390,17 +390,42 @@ class BPETokenizer:
         ``chat_template.jinja`` for the special tokens and the chat template)."""
         path = Path(path)
         if path.is_file() and path.suffix == ".gguf":
-            return _from_gguf(path)
+            return _checked(_from_gguf, path, path)
         if path.is_dir() and (path / "tokenizer.json").is_file():
-            return _from_tokenizer_json(path)
+            return _checked(_from_tokenizer_json, path, path / "tokenizer.json")
         if path.exists():
-            raise ValueError(f"{path} is neither a .gguf file nor a folder with tokenizer.json; pass "
+            raise TokenizerError(f"{path} is neither a .gguf file nor a folder with tokenizer.json; pass "
                              "one of those")
         raise FileNotFoundError(f"{path} does not exist; pass a .gguf file or a folder with "
                                 "tokenizer.json")
 
 
 # ------------------------------------------------------------------ readers
+class TokenizerError(ValueError):
+    """A tokenizer file (tokenizer.json and its companions, or a GGUF file's tokenizer.* metadata,
+    chat template included) that cannot be loaded; one line names the file and what was expected."""
+
+
+def _checked(read, path: Path, named: Path) -> "BPETokenizer":
+    """``read(path)``, any failure on a damaged file (a missing key, a wrong type, a template that
+    does not compile) raised as one ``TokenizerError`` naming ``named``."""
+    try:
+        tok = read(path)
+        if isinstance(tok.chat_template, str):
+            compile_chat_template(tok.chat_template)     # a broken template fails at load
+        elif tok.chat_template is not None:
+            raise TypeError(f"the chat template is a {type(tok.chat_template).__name__}; expected "
+                            "a string")
+        return tok
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError,
+            OverflowError) as e:
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if str(named) in text or str(path) in text:    # the reader's own one-line refusal
+            raise TokenizerError(text) from None
+        raise TokenizerError(f"{named}: {type(e).__name__}: {text}; expected a byte-level BPE "
+                             "tokenizer file as Hugging Face or llama.cpp writes it") from None
+
+
 
 # llama.cpp's pre-tokenizer names (``tokenizer.ggml.pre``) -> whether digits are isolated first.
 # The groups are llama.cpp's: all use GPT-2's pattern; the first group splits off every ``\p{N}``
@@ -518,5 +543,5 @@ def _read_pre_tokenizer(pre, path: Path) -> bool:
                      "Digits(individual_digits=true)")
 
 
-__all__ = ["BPETokenizer", "GGUF_PRE_TOKENIZERS", "bpe_merge", "bytes_to_unicode",
+__all__ = ["BPETokenizer", "TokenizerError", "GGUF_PRE_TOKENIZERS", "bpe_merge", "bytes_to_unicode",
            "gpt2_split_pattern", "pre_tokenize", "unicode_to_bytes"]

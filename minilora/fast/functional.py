@@ -12,13 +12,16 @@ calls its reference.
 * ``cross_entropy`` equals ``log_softmax`` then the target's log-probability: the (N, C)
   log-probabilities are never stored, the backward rebuilds the softmax from the (N, 1)
   logsumexp; CUDA kernels on a GPU;
-* ``rms_norm`` and ``layer_norm`` equal the norms written with ``mean``, ``sqrt`` and ``/``: the
-  normalised x and 1/rms are kept for the backward instead of each step's output; ``rms_norm``
-  splits its rows over CPU threads and has CUDA kernels;
+* ``linear_cross_entropy`` equals ``cross_entropy(linear(x, W), t)``, a language model's head and
+  loss: the (N, V) logits are never held whole, rows in chunks on CPU threads, ignored rows skipped;
+* ``rms_norm`` and ``layer_norm`` equal the norms written with ``mean``, ``sqrt`` and ``/``:
+  ``layer_norm`` keeps the normalised x and 1/rms for the backward instead of each step's output,
+  ``rms_norm`` only 1/rms (x r is formed again), splits its rows over CPU threads and has CUDA
+  kernels;
 * ``rotary_embedding`` equals ``x * cos + rotate_half(x) * sin``: nothing is stored but the
   tables, the backward is the inverse rotation, rows on CPU threads;
-* ``swiglu`` equals ``silu(gate) * up``: one node instead of three, keeping sigmoid(gate) and
-  silu(gate) for the backward; rows on CPU threads.
+* ``swiglu`` equals ``silu(gate) * up``: one node instead of three, keeping sigmoid(gate) for the
+  backward; rows on CPU threads.
 
 ``tests/test_functional_fused.py`` checks every twin equal to its reference, outputs and gradients,
 in float64 and float32 on hypothesis-drawn shapes; ``tests/test_autograd_torch.py`` compares them
@@ -39,12 +42,14 @@ axis) the array code below runs.
 """
 from __future__ import annotations
 
-from .. import backend
-from ..tensor import Tensor
+import numpy as np
+
+from .. import backend, settings
+from ..tensor import Tensor, is_grad_enabled
 from . import cuda_kernels, parallel
 
-__all__ = ["linear", "softmax", "log_softmax", "cross_entropy", "rms_norm", "layer_norm",
-           "rotary_embedding", "swiglu"]
+__all__ = ["linear", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy", "rms_norm",
+           "layer_norm", "rotary_embedding", "swiglu"]
 
 
 def _last_axis(x: Tensor, axis: int) -> bool:
@@ -152,12 +157,116 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     return out
 
 
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int | None = None) -> Tensor:
+    """cross_entropy(x @ weight^T, targets) without ever holding the whole (N, V) logits: the
+    language-model head and its loss as one node (the "fused linear cross-entropy" of Liger Kernel,
+    Hsu et al. 2024; Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
+
+    ``x`` (..., C) hidden states, ``weight`` (V, C) the head (Linear layout, no bias), ``targets``
+    (...) integer ids already checked by ``functional.linear_cross_entropy`` (ids in [0, V) or
+    ``ignore_index``). Equals the reference ``functional.cross_entropy(functional.linear(x, weight),
+    targets)`` up to float32 rounding (tests/test_functional_fused.py,
+    ``test_linear_cross_entropy_twin``).
+
+    How: only the rows whose target is not ignored are computed at all (an ignored row adds nothing
+    to the loss or to any gradient), in chunks of ``chunk_rows`` rows (default
+    ``settings.LCE_CHUNK_ROWS``). For each chunk, z = x_c W^T (n, V); the loss terms
+    lse(z) - z[t]; and, when a gradient will be wanted, at once the chunk's part of the backward
+    with the upstream gradient taken as 1: dz = (softmax(z) - onehot(t)) / denom,
+    dx_c = dz W (n, C) and dW += dz^T x_c (V, C). The backward then only scales what the forward
+    kept by the loss's upstream gradient (so a loss computed with grad on and never backpropagated
+    has paid for those GEMMs anyway: evaluate under ``no_grad()``, as ``train.evaluate`` does).
+    Kept between forward and backward: dx (N, C) and, when the
+    head trains, dW (V, C), instead of the (N, V) logits and the (N, V) softmax the two-op path
+    holds. On the CPU the chunks are shared among threads (``fast/parallel.py``), each thread with
+    single-threaded BLAS and its own dW, added in thread order at the end; so the exp and the
+    reductions over (n, V) run on every core too.
+
+    What it buys (docs/benchmarks.md, SmolLM2-135M, 1024 tokens x 49152 ids): the 200 MB logits and
+    the same again for their gradient and softmax are never allocated.
+    """
+    xpmod = backend.get_xp(x.data)
+    chunk_rows = settings.LCE_CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
+    V, C = weight.shape
+    X2 = x.data.reshape(-1, C)                               # (..., C) -> (N, C)
+    W = weight.data                                          # (V, C)
+    t = targets.reshape(-1)                                   # (...) -> (N,)
+    valid = t != ignore_index
+    rows_kept = None if bool(valid.all()) else xpmod.nonzero(valid)[0]
+    Xv = X2 if rows_kept is None else X2[rows_kept]         # (Nv, C): the rows that count
+    tv = t if rows_kept is None else t[rows_kept]           # (Nv,)
+    Nv = Xv.shape[0]
+    dtype = X2.dtype
+    denom = dtype.type(Nv) if reduction == "mean" else dtype.type(1)
+    need_x = x.requires_grad and is_grad_enabled()
+    need_w = weight.requires_grad and is_grad_enabled()
+    nll = xpmod.empty(Nv, dtype=dtype)
+    dxv = xpmod.empty((Nv, C), dtype=dtype) if need_x else None
+    starts = list(range(0, Nv, max(1, chunk_rows)))
+    groups = parallel.split_rows(len(starts), Nv * V, xpmod)   # runs of chunks, one per thread
+
+    def work(group):
+        dw = None
+        for a in starts[group]:
+            b = min(a + chunk_rows, Nv)
+            xc, tc = Xv[a:b], tv[a:b]
+            r = xpmod.arange(b - a)
+            z = xc @ W.T                                      # (n, C) @ (C, V) -> (n, V)
+            picked = z[r, tc]                                 # (n,) the targets' logits
+            m = z.max(axis=1, keepdims=True)                  # (n, 1)
+            z -= m
+            xpmod.exp(z, out=z)                               # exp(z - m)
+            s = z.sum(axis=1, keepdims=True)                  # (n, 1)
+            nll[a:b] = (xpmod.log(s) + m)[:, 0] - picked      # lse - z[t]
+            if not (need_x or need_w):
+                continue
+            z *= 1.0 / (s * denom)                            # softmax / denom
+            z[r, tc] -= 1.0 / denom                           # minus onehot / denom: dL/dz
+            if need_x:                                        # (n, V) @ (V, C) -> (n, C)
+                parallel.matmul_into(z, W, dxv[a:b])
+            if need_w:                                        # (V, n) @ (n, C) -> (V, C)
+                if dw is None:
+                    dw = z.T @ xc
+                else:
+                    dw += z.T @ xc
+        return dw
+
+    dws = parallel.run_chunks(work, groups, blas_one_thread=True)
+    with np.errstate(invalid="ignore", divide="ignore"):    # NumPy's 0/0 warning, as torch: NaN
+        loss = nll.sum(dtype=dtype) / denom                  # NaN for "mean" over no target
+    out = Tensor._result(xpmod.asarray(loss, dtype=dtype), (x, weight), "linear_cross_entropy")
+
+    def _backward():
+        g = out.grad.astype(dtype)                            # the upstream scalar
+        if need_x and x.requires_grad:
+            if rows_kept is None:
+                dx = dxv
+            else:
+                dx = xpmod.zeros_like(X2)                    # ignored rows get no gradient
+                dx[rows_kept] = dxv
+            dx *= g
+            x._accum(dx.reshape(x.shape), fresh=True)
+        if need_w and weight.requires_grad:
+            parts = [d for d in dws if d is not None]
+            dw = parts[0] if parts else xpmod.zeros_like(W)
+            for d in parts[1:]:
+                dw += d                                       # in thread order: fixed for a count
+            dw *= g
+            weight._accum(dw, fresh=True)
+    out._set_backward(_backward)
+    return out
+
+
 # ============================================================== normalisation
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (Zhang & Sennrich 2019; Llama's norm).
 
     With r = 1/sqrt(mean(x^2)+eps), xhat = x r, y = xhat * w:
     dL/dw = sum_rows(g * xhat);  dL/dx = r * (gw - xhat * mean(gw * xhat)),  gw = g * w.
+    Only r (one number per row) is kept for the backward: x is kept by the graph anyway (it is this
+    node's input), and xhat = x r is formed again there, the same product with the same bits. An
+    (N, C) array less per norm: 2.4 MB per norm at SmolLM2's 1024 x 576, 140 MB over its 60 norms.
     Row dot products use einsum (multiply and sum in one pass, no temporary); on the CPU the rows
     are split across threads (``minilora.fast.parallel``).
     """
@@ -170,8 +279,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     N = x2.shape[0]
     w = weight.data if weight is not None else None
     r = xpmod.empty((N, 1), dtype=x2.dtype)                     # 1 / rms, per row
-    xhat = xpmod.empty_like(x2)
-    y = xpmod.empty_like(x2) if w is not None else xhat
+    y = xpmod.empty_like(x2)                                    # xhat * w, or xhat
 
     def fwd(rows):
         xr = x2[rows]
@@ -180,23 +288,23 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
         ms += eps
         xpmod.sqrt(ms, out=ms)
         xpmod.divide(1.0, ms, out=r[rows])
-        xpmod.multiply(xr, r[rows], out=xhat[rows])
+        xpmod.multiply(xr, r[rows], out=y[rows])                # xhat
         if w is not None:
-            xpmod.multiply(xhat[rows], w, out=y[rows])
+            y[rows] *= w
     parallel.for_rows(fwd, N, x2.size, xpmod)
     parents = (x,) if weight is None else (x, weight)
     out = Tensor._result(y.reshape(x.shape), parents, "rms_norm")
 
     def _backward():
         g2 = out.grad.reshape(-1, C)
-        if weight is not None and weight.requires_grad:
-            weight._accum(xpmod.einsum("ni,ni->i", g2, xhat), fresh=True)
+        if weight is not None and weight.requires_grad:         # xhat again, (N, C), transient
+            weight._accum(xpmod.einsum("ni,ni->i", g2, x2 * r), fresh=True)
         if x.requires_grad:
             gx = xpmod.empty_like(x2)
 
             def bwd(rows):
                 gw = g2[rows] * w if w is not None else g2[rows].copy()
-                xh = xhat[rows]
+                xh = y[rows] if w is None else x2[rows] * r[rows]  # xhat, as in forward
                 dot = xpmod.einsum("ni,ni->n", gw, xh)[:, None]  # (n, 1)
                 dot *= 1.0 / C
                 t = xpmod.multiply(xh, dot, out=gx[rows])
@@ -369,7 +477,10 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     With s = sigmoid(gate) and a = silu(gate) = gate * s:  out = a * up;
     d/dup = a;   d/dgate = up * (s + a (1 - s))   (the derivative of silu).
     The composite ``silu(gate) * up`` is three graph nodes (sigmoid, two products), each with its
-    own full-size output and backward temporaries; this one node keeps s and a for the backward.
+    own full-size output and backward temporaries; this one node keeps s for the backward and forms
+    a = gate * s again there (the same product, the same bits; gate is kept by the graph anyway, as
+    this node's input): an (N, D) array less per MLP, 6.3 MB at SmolLM2's 1024 x 1536, 190 MB over
+    its 30 layers, for one multiply.
     On the CPU the rows are split across threads (``minilora.fast.parallel``).
     """
     if gate.shape != up.shape:
@@ -377,15 +488,15 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     xpmod = backend.get_xp(gate.data)
     D = gate.shape[-1]
     g, u = gate.data.reshape(-1, D), up.data.reshape(-1, D)     # (N, D)
-    s, a, y = (xpmod.empty_like(g) for _ in range(3))
+    s, y = xpmod.empty_like(g), xpmod.empty_like(g)
 
     def fwd(rows):
         sr = xpmod.multiply(g[rows], 0.5, out=s[rows])
         xpmod.tanh(sr, out=sr)                  # sigmoid(g) = (1 + tanh(g / 2)) / 2: never overflows
         sr *= 0.5
         sr += 0.5
-        xpmod.multiply(g[rows], sr, out=a[rows])  # silu(gate)
-        xpmod.multiply(a[rows], u[rows], out=y[rows])
+        yr = xpmod.multiply(g[rows], sr, out=y[rows])   # a = silu(gate)
+        yr *= u[rows]                                   # a * up
     parallel.for_rows(fwd, g.shape[0], g.size, xpmod)
     out = Tensor._result(y.reshape(gate.shape), (gate, up), "swiglu")
 
@@ -395,11 +506,12 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         dg = xpmod.empty_like(g) if gate.requires_grad else None
 
         def bwd(rows):
+            ar = g[rows] * s[rows]                      # a = silu(gate), as in forward
             if du is not None:
-                xpmod.multiply(a[rows], go[rows], out=du[rows])
+                xpmod.multiply(ar, go[rows], out=du[rows])
             if dg is not None:
                 d = xpmod.subtract(1.0, s[rows], out=dg[rows])
-                d *= a[rows]
+                d *= ar
                 d += s[rows]                    # silu'(g) = s + a (1 - s)
                 d *= u[rows]
                 d *= go[rows]

@@ -11,10 +11,10 @@ PEFT's API and file format (Hugging Face PEFT 0.21: its documentation and source
 """
 from . import merge  # noqa: F401
 from .combine import add_weighted_adapter  # noqa: F401
-from .config import DEFAULT_TARGET_MODULES, LoraConfig  # noqa: F401
+from .config import DEFAULT_TARGET_MODULES, AdapterError, LoraConfig  # noqa: F401
 from .io import get_peft_model_state_dict  # noqa: F401
 from .layer import LoraLinear, ModulesToSaveWrapper  # noqa: F401
 from .model import LoraModel, PeftModel, get_peft_model  # noqa: F401
 
-__all__ = ["LoraConfig", "DEFAULT_TARGET_MODULES", "LoraLinear", "ModulesToSaveWrapper", "LoraModel",
+__all__ = ["LoraConfig", "AdapterError", "DEFAULT_TARGET_MODULES", "LoraLinear", "ModulesToSaveWrapper", "LoraModel",
            "PeftModel", "get_peft_model", "add_weighted_adapter", "get_peft_model_state_dict", "merge"]

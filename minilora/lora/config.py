@@ -13,12 +13,58 @@ The fields, their meanings and the JSON written to ``adapter_config.json`` follo
   the adapted model starts out computing exactly what the base model computes; "gaussian" = A ~
   N(0, (1/r)²) (PEFT's std = 1/r) and B = 0; False = A and B both random (a nonzero update from the
   start: for tests and demonstrations only).
+
+The user's regular expressions (a ``target_modules`` string, the keys of ``rank_pattern`` and
+``alpha_pattern``, ``layers_pattern``) run with a time bound (``REGEX_TIMEOUT_S``, the ``regex``
+package's ``timeout=``): a pattern that backtracks catastrophically on a module name is refused
+with a one-line error instead of hanging a load or ``minilora merge``. ``AdapterError`` is the error
+family of adapter files: ``LoraConfig.from_json_file`` and ``lora/io.py`` raise it, naming the file.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+
+import regex
+
+
+class AdapterError(ValueError):
+    """An adapter folder whose files cannot be loaded (one line: the file, the field, what was
+    expected)."""
+
+
+# The longest one match of a user's pattern against one module name may take. Module names are
+# short (< 100 characters): a sane pattern matches in microseconds, so a quarter second only ever
+# stops a pattern that backtracks exponentially, and a model's ~200 names stay under a minute even
+# if every one came close.
+REGEX_TIMEOUT_S = 0.25
+MAX_CONFIG_BYTES = 16_000_000   # an adapter_config.json is a few KB; anything this large is damage
+
+
+def _user_match(kind: str, pattern: str, name: str, full: bool = False):
+    """``regex`` (full)match of the user's ``pattern`` against ``name``, refused with a ValueError
+    (``kind`` names the field and its value) when it runs past ``REGEX_TIMEOUT_S``."""
+    try:
+        if full:
+            return regex.fullmatch(pattern, name, timeout=REGEX_TIMEOUT_S)
+        return regex.match(pattern, name, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ValueError(f"{kind} ran longer than {REGEX_TIMEOUT_S} s on module name {name!r}; "
+                         "expected a regex without catastrophic backtracking "
+                         "(nested repeats such as (a+)+): simplify it") from None
+
+
+def _check_regex(kind: str, pattern) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"LoraConfig: {kind} has {pattern!r}; expected a non-empty regex string")
+    try:
+        regex.compile(pattern)
+    except (regex.error, re.error, ValueError, OverflowError) as e:   # OverflowError: huge repeats
+        raise ValueError(f"LoraConfig: {kind} {pattern!r} is not a valid regex ({e})") from None
+
 
 # What get_peft_model uses when target_modules is None: PEFT's default for Llama (attention q and v,
 # the choice of the LoRA paper's GPT-3 experiments).
@@ -80,11 +126,15 @@ class LoraConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig: r must be a positive integer (the rank of B·A), got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not self.lora_alpha == self.lora_alpha:  # NaN check
+                or not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig: lora_alpha must be a number (the update is scaled by "
                              f"lora_alpha / r), got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):   # JSON "false" is a truthy string
+                raise ValueError(f"LoraConfig: {name} is {getattr(self, name)!r}; expected true or "
+                                 "false (a boolean, not a string)")
         if self.bias not in VALID_BIAS:
             raise ValueError(f"LoraConfig: bias={self.bias!r} is not one of {VALID_BIAS}")
         if not (self.init_lora_weights is True or self.init_lora_weights is False
@@ -120,8 +170,17 @@ class LoraConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"LoraConfig: {name} must be a dict of module-name suffix -> value")
         for k, v in self.rank_pattern.items():
+            _check_regex("rank_pattern key", k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LoraConfig: rank_pattern[{k!r}]={v!r}; ranks must be positive ints")
+        for k, v in self.alpha_pattern.items():
+            _check_regex("alpha_pattern key", k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"LoraConfig: alpha_pattern[{k!r}]={v!r}; expected a finite number")
+        lp = self.layers_pattern
+        if lp is not None:
+            for p in lp if isinstance(lp, list) and lp else [lp]:
+                _check_regex("layers_pattern", p)
         if self.task_type not in (None, "CAUSAL_LM"):
             raise ValueError(f"LoraConfig: task_type={self.task_type!r}; minilora's models are causal "
                              "language models: use 'CAUSAL_LM' (or None)")
@@ -174,12 +233,24 @@ class LoraConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "LoraConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
-        return cls.from_dict(d)
+        """The checked config in ``path``; every problem is an ``AdapterError`` naming the file."""
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_CONFIG_BYTES:
+                raise AdapterError(f"{path} is {size} bytes; expected an adapter config of a few KB")
+            with open(path, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            if isinstance(e, AdapterError):
+                raise
+            raise AdapterError(f"{path} is not valid JSON ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-save the "
+                               "adapter") from None
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise AdapterError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
 
 
 def _normalise_targets(t):
@@ -190,11 +261,7 @@ def _normalise_targets(t):
                 raise ValueError("LoraConfig: target_modules is an empty string; give module names, "
                                  "a regex or 'all-linear'")
             if t != "all-linear":
-                try:
-                    re.compile(t)
-                except re.error as e:
-                    raise ValueError(f"LoraConfig: target_modules {t!r} is not a valid regex ({e})") \
-                        from None
+                _check_regex("target_modules", t)
         return t
     if isinstance(t, (list, tuple, set, frozenset)):
         items = list(t) if not isinstance(t, (set, frozenset)) else sorted(t)
@@ -209,7 +276,7 @@ def _normalise_targets(t):
 def _pattern_key(patterns: dict, module_name: str):
     """The first key of ``patterns`` that matches the end of ``module_name`` (PEFT's get_pattern_key)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if _user_match(f"rank_pattern/alpha_pattern key {key!r}", rf"(.*\.)?({key})$", module_name):
             return key
     return None
 
@@ -221,7 +288,7 @@ def _layer_index(module_name: str, layers_pattern) -> int | None:
         m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
         return int(m.group("idx")) if m else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
+        m = _user_match(f"layers_pattern {pattern!r}", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
         if m:
             return int(m.group("idx"))
     return None
@@ -240,7 +307,7 @@ def matches(config: LoraConfig, module_name: str, targets=None) -> bool:
                                       for m in config.modules_to_save):
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
+        return _user_match(f"target_modules {targets!r}", targets, module_name, full=True) is not None
     found = module_name in targets or any(module_name.endswith("." + t) for t in targets)
     if found and config.layers_to_transform is not None:
         wanted = config.layers_to_transform

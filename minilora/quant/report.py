@@ -206,7 +206,7 @@ def load_quantized(path) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint_dir", help="folder holding model.safetensors")
     parser.add_argument("--blocksize", type=int, default=64,
-                        help="values per absmax block: a power of two from 32 to 4096 (default 64)")
+                        help="values per absmax block: a power of two from 32 to 4096")
     parser.add_argument("--double-quant", action="store_true",
                         help="also quantize the absmax constants to 8 bits (QLoRA)")
     parser.add_argument("--out", default=None, metavar="DIR",

@@ -5,10 +5,10 @@
     .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/exercises/solutions.ipynb
 
 - ``notebooks/exercises/exercises.ipynb``: for learners. Each task: the math, a stub whose signature
-  and docstring come from ``minilora/exercises/solutions.py`` with ``raise NotImplementedError`` as
+  and docstring come from ``minilora/teaching/exercises/solutions.py`` with ``raise NotImplementedError`` as
   the body, and a one-line check.
 - ``notebooks/exercises/solutions.ipynb``: the same notebook with the bodies of
-  ``minilora/exercises/solutions.py`` filled in. Hand it out separately (docs/teachers-guide.md).
+  ``minilora/teaching/exercises/solutions.py`` filled in. Hand it out separately (docs/teachers-guide.md).
 
 Edit the task texts below, or the functions in solutions.py, then rebuild and re-execute both.
 """
@@ -202,6 +202,8 @@ def build(with_solutions: bool):
         cells.append(new_code_cell(f'check("{name}", {name})'))
     cells.append(new_markdown_cell(OUTRO.rstrip()))
     cells.append(new_code_cell("results = check_all(globals())"))
+    for i, cell in enumerate(cells):
+        cell["id"] = f"cell-{i:02d}"        # stable ids: a rebuild changes only what changed
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}

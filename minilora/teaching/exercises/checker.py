@@ -8,9 +8,20 @@ write, such as ``lora_forward(x, W0, A, B, alpha, r)``. For each task the checke
   ``memory.py``, the autograd engine), never a second copy of the formula;
 * **cases**: a few fixed edge cases first (r = 1, α ≠ r, batch axes, exact ties, odd lengths...),
   then cases drawn with Hypothesis (derandomized, so every run sees the same ones);
-* **usual mistakes**: small wrong solutions, each with a hint. When a learner's output equals a
-  mistake's output on the failing cases, the verdict names that mistake ("you scaled by alpha, not
-  alpha/r"); otherwise it gives the task's general hint.
+* **a contract**: the type, shape and dtype of the output, stated in the task's signature. They are
+  compared exactly, before any value: ``pack_nibbles`` must return uint8, not int64; a count must be
+  an int; a float32 scale must be a float32;
+* **usual mistakes**: small wrong solutions, each with a hint. The verdict names a mistake ("you
+  scaled by alpha, not alpha/r") only when the learner's output equals that mistake's output on
+  EVERY failing case (an exception of the same type counts where the learner's code raised, but at
+  least one case must be a wrong output). One case alone proves little: ``alpha // r`` equals
+  "forgot the adapter" wherever α < r. Otherwise the verdict says what differs (the type, shape,
+  dtype or values, on the smallest failing case, described in one line) and gives that case's note
+  or the task's general hint.
+
+Each check starts every random generator a learner's code might touch (minilora's ``backend.rng()``,
+NumPy's global one, Python's ``random``) from a seed of its own and puts them back afterwards, so a
+verdict never depends on what ran before it, and a notebook's random numbers are not changed by it.
 
 ``check`` never raises because an answer is wrong (notebooks with unfilled stubs must still run top to
 bottom); it prints a verdict and returns a ``CheckResult`` that is truthy when every case passed.
@@ -21,10 +32,12 @@ markers, with property-based cases as in its ``hypothesis`` tests.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import random
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,11 +54,13 @@ _MARK = {PASS: "✓", FAIL: "✗", ERROR: "✗", NOT_DONE: "○"}
 
 @dataclass
 class Diff:
-    """How an output differs from the expected one: the part ("dB"), the lines to print, and the
-    largest absolute difference when both are numbers of the same shape."""
+    """How an output differs from the expected one: the part ("dB"), the lines to print, the largest
+    absolute difference when both are numbers of the same shape, and ``kind``: what differs first,
+    one of "type" (not an array, a tuple of the wrong length...), "shape", "dtype" or "values"."""
     part: str
     lines: list
     max_diff: float | None = None
+    kind: str = "values"
 
 
 class ExerciseFailed(AssertionError):
@@ -58,7 +73,9 @@ class CheckResult:
 
     ``status``: "passed", "failed", "error" (the function raised) or "not implemented";
     ``case``: the number of the reported case (1-based) and ``case_args`` its arguments;
-    ``mistake``: the name of the usual mistake that explains the failure, if one does;
+    ``mistake``: the name of the usual mistake that explains every failing case, if one does;
+    ``differs``: what differs on the reported case: "type", "shape", "dtype", "values", or
+    "exception" when the function raised (None when it passed);
     ``message``: the verdict as printed.
     """
     task: str
@@ -68,6 +85,7 @@ class CheckResult:
     case: int | None = None
     case_args: dict | None = None
     mistake: str | None = None
+    differs: str | None = None
     hint: str = ""
     message: str = ""
     _printed: bool = field(default=False, repr=False)
@@ -227,22 +245,41 @@ def _to_numpy(v):
     return v
 
 
+def _dtype_of(v) -> str:
+    """The dtype a value carries, as NumPy names it ("uint8", "float32"), for a verdict; a Python
+    number says so ("float64 (a Python float)"), since it is no NumPy scalar of that dtype."""
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int):
+        return "int (a Python int)"
+    if isinstance(v, float):
+        return "float64 (a Python float)"
+    return str(np.asarray(v).dtype)
+
+
 def compare_arrays(expected, got, part: str, rtol: float, atol: float, exact: bool = False):
-    """None when ``got`` matches ``expected`` (same shape; within rtol/atol, or exactly for integer
-    outputs), else a Diff saying what differs."""
+    """None when ``got`` matches ``expected``, else a Diff saying what differs first: the type, the
+    shape, the dtype (both exactly), then the values (within rtol/atol, or exactly for integer
+    outputs)."""
     got = _to_numpy(got)
+    label = f"{part} " if part else ""
     if not isinstance(got, (np.ndarray, np.generic, int, float)):
         return Diff(part, [f"expected {part + ' as ' if part else ''}an array of shape "
-                           f"{tuple(expected.shape)}, got a {type(got).__name__}"])
+                           f"{tuple(expected.shape)} {expected.dtype}, got a {type(got).__name__}"],
+                    kind="type")
+    got_dtype = _dtype_of(got)
     got = np.asarray(got)
     if got.dtype == object or got.dtype.kind not in "biuf":
         return Diff(part, [f"{part or 'the output'} has dtype {got.dtype}; "
-                           f"expected numbers ({expected.dtype})"])
-    label = f"{part} " if part else ""
+                           f"expected numbers ({expected.dtype})"], kind="dtype")
     if got.shape != expected.shape:
         return Diff(part, [f"expected {label}shape {tuple(expected.shape)}, got shape {tuple(got.shape)}",
                            f"expected {label}{_short_array(expected)}",
-                           f"got      {label}{_short_array(got)}"])
+                           f"got      {label}{_short_array(got)}"], kind="shape")
+    if got.dtype != expected.dtype:
+        return Diff(part, [f"expected {label}dtype {expected.dtype}, got {got_dtype} (the shape "
+                           f"{tuple(expected.shape)} is right): convert with .astype(np.{expected.dtype})"],
+                    kind="dtype")
     e64, g64 = expected.astype(np.float64), got.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         diff = np.abs(g64 - e64)
@@ -270,17 +307,34 @@ def compare_arrays(expected, got, part: str, rtol: float, atol: float, exact: bo
 
 
 def _compare_number(expected, got, part, rtol, atol):
+    """A number: its kind first (an int where an int is due; a float of the expected precision, a
+    NumPy scalar or a 0-d array standing for it), then its value."""
     got = _to_numpy(got)
-    if isinstance(got, np.ndarray) and got.size == 1:
-        got = got.reshape(()).item()
-    if isinstance(got, np.generic):
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        return Diff(part, [f"expected {part or 'a number'} {_num(expected)}, got a {type(got).__name__}"])
     label = f"{part} " if part else ""
-    if isinstance(expected, (int, np.integer)) and not isinstance(expected, bool):
-        ok = float(got).is_integer() and int(got) == int(expected) if rtol == 0 and atol == 0 else \
-            math.isfinite(got) and abs(got - expected) <= atol + rtol * abs(expected)
+    if isinstance(got, np.ndarray) and got.ndim > 0:
+        return Diff(part, [f"expected {part + ' as ' if part else ''}a number, got an array of shape "
+                           f"{got.shape}"], kind="shape")
+    if isinstance(got, np.ndarray):                       # 0-d: the number it holds, dtype kept
+        got = got[()]
+    if isinstance(got, (bool, np.bool_)) or not isinstance(got, (int, float, np.integer, np.floating)):
+        return Diff(part, [f"expected {part + ' as ' if part else ''}a number {_num(expected)}, got a "
+                           f"{type(got).__name__}"], kind="type")
+    want_int = isinstance(expected, (int, np.integer)) and not isinstance(expected, bool)
+    if want_int and not isinstance(got, (int, np.integer)):
+        return Diff(part, [f"expected {label}a whole number (int) {_num(expected)}, got "
+                           f"{_dtype_of(got)} {_num(got)}: return an int (round() or int())"],
+                    kind="dtype")
+    if not want_int:
+        want = np.dtype(type(expected)) if isinstance(expected, np.floating) else np.dtype(np.float64)
+        have = np.dtype(type(got)) if isinstance(got, (np.integer, np.floating)) else \
+            np.dtype(np.float64 if isinstance(got, float) else np.int64)
+        if have != want:
+            return Diff(part, [f"expected {label}a {want} number {_num(expected)}, got {_dtype_of(got)} "
+                               f"{_num(got)}: convert with np.{want}(...)"], kind="dtype")
+    got = got.item() if isinstance(got, np.generic) else got
+    if want_int:
+        ok = int(got) == int(expected) if rtol == 0 and atol == 0 else \
+            abs(got - expected) <= atol + rtol * abs(expected)
     else:
         tol = atol * max(1.0, abs(expected)) + rtol * abs(expected)
         ok = math.isfinite(got) and abs(got - expected) <= tol
@@ -292,14 +346,15 @@ def _compare_number(expected, got, part, rtol, atol):
 
 
 def compare(expected, got, task: Task, part: str = ""):
-    """The default comparison: arrays by shape then values, numbers, tuples and dicts part by part."""
+    """The default comparison: arrays by type, shape and dtype, then values; numbers by kind (int or
+    float of the expected precision), then value; tuples and dicts part by part."""
     if isinstance(expected, tuple):
         names = task.output_names or tuple(f"output[{i}]" for i in range(len(expected)))
         got = tuple(got) if isinstance(got, list) else got
         if not isinstance(got, tuple) or len(got) != len(expected):
             what = f"a tuple of {len(got)}" if isinstance(got, tuple) else \
                 f"an array of shape {got.shape}" if hasattr(got, "shape") else f"a {type(got).__name__}"
-            return Diff(part, [f"expected a tuple ({', '.join(names)}), got {what}"])
+            return Diff(part, [f"expected a tuple ({', '.join(names)}), got {what}"], kind="type")
         for name, e, g in zip(names, expected, got):
             d = compare(e, g, task, name)
             if d is not None:
@@ -307,10 +362,12 @@ def compare(expected, got, task: Task, part: str = ""):
         return None
     if isinstance(expected, dict):
         if not isinstance(got, dict):
-            return Diff(part, [f"expected a dict with keys {list(expected)}, got a {type(got).__name__}"])
+            return Diff(part, [f"expected a dict with keys {list(expected)}, got a {type(got).__name__}"],
+                        kind="type")
         missing = [k for k in expected if k not in got]
         if missing:
-            return Diff(part, [f"the dict has no key {missing[0]!r} (expected keys {list(expected)})"])
+            return Diff(part, [f"the dict has no key {missing[0]!r} (expected keys {list(expected)})"],
+                        kind="type")
         for k, e in expected.items():
             d = compare(e, got[k], task, repr(k))
             if d is not None:
@@ -388,26 +445,55 @@ def _matches(task: Task, m: Mistake, k: int, case: Case, outcome) -> bool:
     return ran and _compare(task, out, value, case.args) is None
 
 
-def _hint_for(task: Task, failing: list, outcomes: dict) -> tuple:
+# Comparisons stop at the first difference, in this order: type, shape, dtype, values.
+_WHAT_IS_RIGHT = {"type": "", "shape": "", "dtype": " (its shape is right)",
+                  "values": " (its type, shape and dtype are right)"}
+
+
+def _hint_for(task: Task, failing: list, outcomes: dict, diffs: dict) -> tuple:
     """Name the usual mistake that explains the failure. Returns (mistake name or None, hint).
 
-    First choice: the first mistake that behaves like the learner on every failing case (same output,
-    or the same exception type where the learner's code raised), provided at least one of those cases
-    is a wrong output rather than an exception (an exception type alone proves little). Second
-    choice, when the reported case is a wrong output: a mistake that matches on that case alone.
+    A mistake is named only when it behaves like the learner on EVERY failing case (the same output,
+    or the same exception type where the learner's code raised) and at least one of those cases is
+    a wrong output (an exception type alone proves little). Otherwise no mistake is named: the hint
+    is the reported case's note (when its values differ, or the code raised), or the task's general
+    hint (its error hint when the code raised).
     """
     k0, case0 = failing[0]
-    some_output = any(outcomes[k][0] == "returned" for k, _ in failing)
-    if some_output:
+    if any(outcomes[k][0] == "returned" for k, _ in failing):
         for m in task.mistakes:
             if all(_matches(task, m, k, c, outcomes[k]) for k, c in failing):
                 return m.name, m.hint
     if outcomes[k0][0] == "returned":
-        for m in task.mistakes:
-            if _matches(task, m, k0, case0, outcomes[k0]):
-                return m.name, m.hint
-        return None, case0.note or task.hint
+        # a case's note speaks of its values; a wrong type, shape or dtype is named by the diff itself
+        values_differ = diffs[k0].kind == "values"
+        return None, (case0.note if values_differ else "") or task.hint
     return None, case0.note or task.error_hint or task.hint
+
+
+def _seed_for(name: str) -> int:
+    """A seed of the task's own, the same in every process (``hash(str)`` is salted per process)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def _own_random_numbers(name: str):
+    """Run a check with every generator a learner's function or the references might draw from
+    seeded for this task alone, and put each one back afterwards: minilora's ``backend.rng()``,
+    NumPy's global generator and Python's ``random``. A verdict then never depends on which checks
+    or tests ran before it, and a notebook's own random numbers are left where they were."""
+    g = backend.rng()
+    saved = g.bit_generator.state, np.random.get_state(), random.getstate()
+    seed = _seed_for(name)
+    g.bit_generator.state = type(g.bit_generator)(seed).state
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        g.bit_generator.state = saved[0]
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
 
 
 def check(name: str, fn: Callable, max_examples: int = 30, verbose: bool = True,
@@ -423,9 +509,10 @@ def check(name: str, fn: Callable, max_examples: int = 30, verbose: bool = True,
                          f"pass it without calling it: check({name!r}, {name})")
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0:
         raise ValueError(f"max_examples must be a whole number >= 0, got {max_examples!r}")
-    edges = list(task.edge_cases())
-    cases = edges + draw_cases(task, max_examples)
-    result = _run_all(task, fn, cases, n_edges=len(edges))
+    with _own_random_numbers(task.name):
+        edges = list(task.edge_cases())
+        cases = edges + draw_cases(task, max_examples)
+        result = _run_all(task, fn, cases, n_edges=len(edges))
     if verbose:
         print(result.message)
         result._printed = True
@@ -439,7 +526,7 @@ def _run_all(task: Task, fn: Callable, cases: list, n_edges: int) -> CheckResult
     arity = _arity_problem(fn, task, cases[0].args)
     if arity:
         return CheckResult(task.name, ERROR, n_cases=n, n_failed=n, case=1, case_args=cases[0].args,
-                           message=f"{_MARK[ERROR]} {task.name}: {arity}")
+                           differs="exception", message=f"{_MARK[ERROR]} {task.name}: {arity}")
     outcomes, diffs, failing = {}, {}, []
     for k, case in enumerate(cases):
         try:
@@ -466,27 +553,31 @@ def _run_all(task: Task, fn: Callable, cases: list, n_edges: int) -> CheckResult
     # smallest such case (easiest to read), the earliest among equals.
     failing.sort(key=lambda kc: (outcomes[kc[0]][0] != "raised", _size(kc[1]), kc[0]))
     k, case = failing[0]
-    mistake, hint = _hint_for(task, failing, outcomes)
+    mistake, hint = _hint_for(task, failing, outcomes, diffs)
     if callable(hint):
         hint = hint(case.args)
     where = f" on case {k + 1} of {n}{' (' + case.label + ')' if case.label else ''}: " \
             f"{describe_case(case.args)}"
     kind, value = outcomes[k]
     if kind == "raised":
-        status = ERROR
+        status, differs = ERROR, "exception"
         lines = [f"{_MARK[ERROR]} {task.name} raised {type(value).__name__}{where}",
                  f"  {type(value).__name__}: {_first_line(value)}"]
         at = _where_in(fn, value)
         if at:
             lines.append(f"  {at}")
     else:
-        status = FAIL
-        lines = [f"{_MARK[FAIL]} {task.name} failed{where}"] + [f"  {ln}" for ln in diffs[k].lines]
+        status, differs = FAIL, diffs[k].kind
+        part = f" of {diffs[k].part}" if diffs[k].part else ""
+        lines = [f"{_MARK[FAIL]} {task.name} failed{where}",
+                 f"  what differs: the {differs}{part}{_WHAT_IS_RIGHT[differs]}"]
+        lines += [f"  {ln}" for ln in diffs[k].lines]
     if hint:
         lines.append(f"  hint: {hint}")
     lines.append(f"  ({len(failing)} of {n} cases failed)")
     return CheckResult(task.name, status, n_cases=n, n_failed=len(failing), case=k + 1,
-                       case_args=case.args, mistake=mistake, hint=hint or "", message="\n".join(lines))
+                       case_args=case.args, mistake=mistake, differs=differs, hint=hint or "",
+                       message="\n".join(lines))
 
 
 def check_all(namespace, max_examples: int = 30, verbose: bool = True) -> dict:

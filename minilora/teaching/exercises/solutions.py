@@ -19,7 +19,8 @@ __all__ = ["lora_forward", "count_lora_params", "lora_grads", "merge", "unmerge"
 def lora_forward(x, W0, A, B, alpha, r):
     """The LoRA layer's output h = W0·x + (α/r)·B·A·x, for row vectors x.
 
-    x: (..., in), W0: (out, in), A: (r, in), B: (out, r); alpha, r: numbers. Returns h: (..., out).
+    x: (..., in), W0: (out, in), A: (r, in), B: (out, r), all float64; alpha, r: numbers.
+    Returns h: float64 (..., out).
     """
     scaling = alpha / r
     base = x @ W0.T                        # (..., in) @ (in, out) -> (..., out)
@@ -33,7 +34,7 @@ def count_lora_params(config, r, target_modules):
 
     config: a LlamaConfig (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads); target_modules: names among "q_proj", "k_proj", "v_proj", "o_proj",
-    "gate_proj", "up_proj", "down_proj". Returns an int.
+    "gate_proj", "up_proj", "down_proj". Returns an int (not a float).
     """
     d = config.hidden_size
     head_dim = d // config.num_attention_heads
@@ -51,7 +52,8 @@ def count_lora_params(config, r, target_modules):
 def lora_grads(x, A, B, grad_h, alpha, r):
     """dL/dA and dL/dB for the adapter path h = (α/r)·(x Aᵀ) Bᵀ, given grad_h = dL/dh.
 
-    x: (..., in), A: (r, in), B: (out, r), grad_h: (..., out). Returns (dA (r, in), dB (out, r)).
+    x: (..., in), A: (r, in), B: (out, r), grad_h: (..., out), all float64.
+    Returns (dA float64 (r, in), dB float64 (out, r)).
     """
     s = alpha / r
     X = x.reshape(-1, x.shape[-1])                        # (N, in): every example one row
@@ -63,20 +65,26 @@ def lora_grads(x, A, B, grad_h, alpha, r):
 
 
 def merge(W0, A, B, alpha, r):
-    """The merged weight W = W0 + (α/r)·B·A. W0: (out, in), A: (r, in), B: (out, r)."""
+    """The merged weight W = W0 + (α/r)·B·A.
+
+    W0: (out, in), A: (r, in), B: (out, r), all float64. Returns W: float64 (out, in).
+    """
     return W0 + (alpha / r) * (B @ A)                     # (out, r) @ (r, in) -> (out, in)
 
 
 def unmerge(W, A, B, alpha, r):
-    """The base weight back from a merged one: W0 = W − (α/r)·B·A."""
+    """The base weight back from a merged one: W0 = W − (α/r)·B·A.
+
+    W: (out, in), A: (r, in), B: (out, r), all float64. Returns W0: float64 (out, in).
+    """
     return W - (alpha / r) * (B @ A)
 
 
 def matmul_backward(a, b, grad_out):
     """Gradients of out = a @ b (NumPy's batched, broadcasting matmul).
 
-    a: (..., n, k), b: (..., k, m), grad_out: (..., n, m) with the broadcast batch shape.
-    Returns (da, db) with the shapes of a and b.
+    a: (..., n, k), b: (..., k, m), grad_out: (..., n, m) with the broadcast batch shape, all
+    float64. Returns (da, db), float64, with the shapes of a and b.
     """
     da = grad_out @ np.swapaxes(b, -1, -2)                # (..., n, m) @ (..., m, k) -> (..., n, k)
     db = np.swapaxes(a, -1, -2) @ grad_out                # (..., k, n) @ (..., n, m) -> (..., k, m)
@@ -90,7 +98,10 @@ def matmul_backward(a, b, grad_out):
 
 
 def softmax_backward(x, grad_y):
-    """dL/dx for y = softmax(x) along the last axis, given grad_y = dL/dy (same shape as x)."""
+    """dL/dx for y = softmax(x) along the last axis, given grad_y = dL/dy.
+
+    x, grad_y: float64, the same shape. Returns dx: float64, the shape of x.
+    """
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     y = e / e.sum(axis=-1, keepdims=True)
     return y * (grad_y - (grad_y * y).sum(axis=-1, keepdims=True))
@@ -113,7 +124,8 @@ def nf4_quantize_block(block):
 def pack_nibbles(indices):
     """Pack 4-bit indices two per byte: byte k = idx[2k] << 4 | idx[2k+1].
 
-    An odd count is padded with 7 (the index of 0.0 in NF4_CODE). Returns uint8 (ceil(n/2),).
+    indices: uint8 (n,), each in 0..15. An odd count is padded with 7 (the index of 0.0 in
+    NF4_CODE). Returns packed: uint8 (ceil(n/2),), not int64.
     """
     idx = np.asarray(indices, dtype=np.uint8)
     if idx.size % 2 == 1:
@@ -150,7 +162,7 @@ def memory_full_lora_qlora(config, r, target_modules):
     A trainable parameter costs 16 bytes: 2 (16-bit weight) + 2 (gradient) + 4 (float32 master copy)
     + 8 (AdamW's m and v in float32). A frozen parameter costs 2 bytes, except that QLoRA stores the
     decoder's Linear weights in NF4: 4 bits + 8/64 + 32/(64·256) bits of double-quantized constants.
-    Returns {"full": int, "lora": int, "qlora": int}.
+    Returns {"full": int, "lora": int, "qlora": int} (ints, not floats: round them).
     """
     counts = count_parameters(config)                     # {"total": ..., "linear": ..., ...}
     n, n_linear = counts["total"], counts["linear"]

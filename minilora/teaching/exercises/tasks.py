@@ -131,7 +131,7 @@ register(Task(
     name="lora_forward",
     summary="h = W0·x + (α/r)·B·A·x for a batch of row vectors x",
     signature="lora_forward(x, W0, A, B, alpha, r) -> h   # x (..., in), W0 (out, in), A (r, in), "
-              "B (out, r); h (..., out)",
+              "B (out, r), all float64; h float64 (..., out)",
     reference=_ref_lora_forward,
     draw=_draw_lora,
     edge_cases=_edges_lora_forward,
@@ -212,7 +212,8 @@ def _count_variant(per_module, layers=True):
 register(Task(
     name="count_lora_params",
     summary="trainable parameters of a LoRA adapter on a Llama config",
-    signature="count_lora_params(config, r, target_modules) -> int   # config: LlamaConfig",
+    signature="count_lora_params(config, r, target_modules) -> int   # config: LlamaConfig; an int, "
+              "not a float",
     reference=lambda config, r, target_modules: lora_parameters(config, r, tuple(target_modules)),
     draw=_draw_count,
     edge_cases=_edges_count,
@@ -300,8 +301,8 @@ def _grads_variant(scale=lambda a, r: a / r, reduce="sum", transpose=False, swap
 register(Task(
     name="lora_grads",
     summary="dL/dA and dL/dB for h = (α/r)·(x Aᵀ) Bᵀ, given dL/dh",
-    signature="lora_grads(x, A, B, grad_h, alpha, r) -> (dA, dB)   # x (..., in), grad_h (..., out); "
-              "dA (r, in), dB (out, r)",
+    signature="lora_grads(x, A, B, grad_h, alpha, r) -> (dA, dB)   # x (..., in), grad_h (..., out), "
+              "float64; dA float64 (r, in), dB float64 (out, r)",
     reference=_ref_lora_grads,
     draw=_draw_grads,
     edge_cases=_edges_grads,
@@ -353,7 +354,8 @@ def _merge_variant(scale=lambda a, r: a / r, sign=+1, base=True, transposed=Fals
 register(Task(
     name="merge",
     summary="fold the adapter into the weight: W = W0 + (α/r)·B·A",
-    signature="merge(W0, A, B, alpha, r) -> W   # W0 (out, in), A (r, in), B (out, r); W (out, in)",
+    signature="merge(W0, A, B, alpha, r) -> W   # W0 (out, in), A (r, in), B (out, r), float64; "
+              "W float64 (out, in)",
     reference=lambda W0, A, B, alpha, r: lora_merge.merge_weight(W0, A, B, alpha, r),
     draw=_draw_merge,
     edge_cases=_edges_merge,
@@ -390,7 +392,8 @@ def _edges_unmerge():
 register(Task(
     name="unmerge",
     summary="take the adapter back out: W0 = W − (α/r)·B·A",
-    signature="unmerge(W, A, B, alpha, r) -> W0   # W (out, in) a merged weight; W0 (out, in)",
+    signature="unmerge(W, A, B, alpha, r) -> W0   # W (out, in) a merged weight, float64; W0 float64 "
+              "(out, in)",
     reference=lambda W, A, B, alpha, r: lora_merge.unmerge_weight(W, A, B, alpha, r),
     draw=_draw_unmerge,
     edge_cases=_edges_unmerge,
@@ -478,7 +481,7 @@ register(Task(
     name="matmul_backward",
     summary="da and db for out = a @ b with broadcast batch axes",
     signature="matmul_backward(a, b, grad_out) -> (da, db)   # a (..., n, k), b (..., k, m), "
-              "grad_out (..., n, m); da like a, db like b",
+              "grad_out (..., n, m), float64; da like a, db like b (shape and float64)",
     reference=_ref_matmul_backward,
     draw=_draw_matmul,
     edge_cases=_edges_matmul,
@@ -543,7 +546,8 @@ def _sm_variant(kind):
 register(Task(
     name="softmax_backward",
     summary="dL/dx for y = softmax(x) along the last axis",
-    signature="softmax_backward(x, grad_y) -> dx   # same shapes; softmax over the last axis",
+    signature="softmax_backward(x, grad_y) -> dx   # x, grad_y float64; dx float64 of x's shape; "
+              "softmax over the last axis",
     reference=_ref_softmax_backward,
     draw=_draw_softmax,
     edge_cases=_edges_softmax,
@@ -607,7 +611,7 @@ def _compare_nf4(expected, got, args):
     if d is None or not isinstance(got, (tuple, list)) or len(got) != 2:
         return d
     d_absmax = compare(expected[1], got[1], _NF4_TASK, "absmax")
-    if d_absmax is not None or d.part != "indices":
+    if d_absmax is not None or d.part != "indices" or d.kind != "values":
         return d_absmax or d
     idx = np.asarray(got[0])
     block = np.asarray(args["block"], dtype=np.float32)
@@ -681,7 +685,9 @@ def _edges_pack():
         Case({"indices": np.array([15, 0, 9], np.uint8)}, "an odd count",
              "an odd count needs one padding nibble (the index 7 of 0.0), so the output has "
              "ceil(n / 2) bytes"),
-        Case({"indices": np.array([12], np.uint8)}, "a single index"),
+        Case({"indices": np.array([12], np.uint8)}, "a single index",
+             "a single index goes in the HIGH nibble and the padding 7 after it, in the low one: "
+             "[12] packs to 12 << 4 | 7 = 199"),
         Case({"indices": np.arange(16, dtype=np.uint8)}, "every index 0..15"),
     ]
 
@@ -707,7 +713,7 @@ register(Task(
     name="pack_nibbles",
     summary="pack 4-bit indices two per byte, even element in the high nibble",
     signature="pack_nibbles(indices) -> packed   # indices uint8 (n,) in 0..15; packed uint8 "
-              "(ceil(n/2),)",
+              "(ceil(n/2),), not int64",
     reference=lambda indices: pack_4bit(indices, pad=_NF4_ZERO_INDEX),
     draw=_draw_pack,
     edge_cases=_edges_pack,
@@ -769,7 +775,7 @@ def _compare_dq(expected, got, args):
         d_i = compare(expected[i], got[i], _DQ_TASK, _DQ_TASK.output_names[i])
         if d_i is not None:
             return d_i
-    if d.part != "codes":
+    if d.part != "codes" or d.kind != "values":        # a wrong shape or dtype is wrong however rounded
         return d
     codes, nested, offset = (np.asarray(v) for v in got)
     a = np.asarray(args["absmax"], dtype=np.float32)
@@ -880,7 +886,7 @@ register(Task(
     name="memory_full_lora_qlora",
     summary="training memory in bytes: full fine-tuning vs LoRA vs QLoRA (no activations)",
     signature="memory_full_lora_qlora(config, r, target_modules) -> {'full': bytes, 'lora': bytes, "
-              "'qlora': bytes}",
+              "'qlora': bytes}   # each an int",
     reference=_ref_memory,
     draw=_draw_memory,
     edge_cases=_edges_memory,

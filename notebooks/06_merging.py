@@ -1,46 +1,38 @@
-"""Build notebooks/06_merging.ipynb (then execute it in place to store the outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    .venv/bin/python notebooks/_build/build_06_merging.py
-    .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/06_merging.ipynb
+# %% [markdown]
+# # 06 · Merging adapters
+#
+# > Merge the trained A and B matrices back into W₀ to get a standalone model with no adapter overhead:
+# > W_merged = W₀ + (B · A · α / r). [...] Once merged, you can discard A and B and use the model like
+# > any fine-tuned model. — *What is LoRA?*
+#
+# Merging is one addition per adapted weight; unmerging is one subtraction. In exact arithmetic both are
+# free and exact. In floating point they round, and this notebook measures how much:
+#
+# - **merge and unmerge step by step** on one layer, with `minilora.lora.merge`;
+# - **merged vs unmerged outputs** in float32 and float16: small adapters partly vanish in float16;
+# - **drift** over repeated merge/unmerge cycles: bounded for a fixed adapter, a random walk when it changes;
+# - a small Llama: merged logits, `merge_and_unload`, **swapping adapters** and saving/loading them;
+# - **adapter arithmetic** (`add_weighted_adapter`: linear, cat, svd), and why only cat is exact.
 
-Merging LoRA adapters: merge and unmerge step by step, merged vs unmerged outputs in float32 and
-float16, drift over repeated merge/unmerge cycles, swapping adapters, and adapter arithmetic (linear,
-cat, svd) with why only "cat" is exact. MINILORA_FAST=1 runs fewer merge/unmerge cycles (the
-committed outputs use the full settings).
-"""
-from __future__ import annotations
-
+# %%
+import copy
 import os
-from pathlib import Path
-
-import sys
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _write import write_notebook  # noqa: E402
-from nbformat.v4 import new_code_cell, new_markdown_cell
-
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "notebooks" / "06_merging.ipynb"
-
-md, code = new_markdown_cell, new_code_cell
-
-CELLS = [
-    md(r"""# 06 · Merging adapters
-
-> Merge the trained A and B matrices back into W₀ to get a standalone model with no adapter overhead:
-> W_merged = W₀ + (B · A · α / r). [...] Once merged, you can discard A and B and use the model like
-> any fine-tuned model. — *What is LoRA?*
-
-Merging is one addition per adapted weight; unmerging is one subtraction. In exact arithmetic both are
-free and exact. In floating point they round, and this notebook measures how much:
-
-- **merge and unmerge step by step** on one layer, with `minilora.lora.merge`;
-- **merged vs unmerged outputs** in float32 and float16: small adapters partly vanish in float16;
-- **drift** over repeated merge/unmerge cycles: bounded for a fixed adapter, a random walk when it changes;
-- a small Llama: merged logits, `merge_and_unload`, **swapping adapters** and saving/loading them;
-- **adapter arithmetic** (`add_weighted_adapter`: linear, cat, svd), and why only cat is exact."""),
-    code(r"""import copy
-import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest (set before NumPy loads)
 
@@ -56,28 +48,40 @@ from minilora.models import LlamaConfig, LlamaForCausalLM
 FAST = os.environ.get("MINILORA_FAST") == "1"   # fewer merge/unmerge cycles for quick CI runs
 minilora.manual_seed(0)
 rng = np.random.default_rng(0)
-np.set_printoptions(precision=4, suppress=True)"""),
-    md(r"""## 1. Merge and unmerge, step by step
+np.set_printoptions(precision=4, suppress=True)
 
-A 4×6 layer with a rank-2 adapter, $\alpha = 4$. `merge_trace` prints every intermediate: $BA$, the
-scaling, $\Delta W$, the merged $W = W_0 + \Delta W$, and, given an input, the layer's output both ways."""),
-    code(r"""W0 = rng.uniform(-0.4, 0.4, (4, 6))        # (out, in), float64 here
+# %% [markdown]
+# ## 1. Merge and unmerge, step by step
+#
+# A 4×6 layer with a rank-2 adapter, $\alpha = 4$. `merge_trace` prints every intermediate: $BA$, the
+# scaling, $\Delta W$, the merged $W = W_0 + \Delta W$, and, given an input, the layer's output both ways.
+
+# %%
+W0 = rng.uniform(-0.4, 0.4, (4, 6))        # (out, in), float64 here
 A = rng.uniform(-0.4, 0.4, (2, 6))         # (r, in)
 B = rng.normal(0, 0.3, (4, 2))             # (out, r): nonzero, as after training
 x = rng.standard_normal(6)
-print(merge.merge_trace(W0, A, B, lora_alpha=4, r=2, x=x))"""),
-    md(r"""Unmerging subtracts the same $\Delta W$ (`merge.delta_weight`, the one function both call). The
-round trip returns $W_0$ up to one rounding per entry; some entries come back bit for bit, some one
-unit in the last place (ulp) off:"""),
-    code(r"""for dtype in (np.float64, np.float32, np.float16):
+print(merge.merge_trace(W0, A, B, lora_alpha=4, r=2, x=x))
+
+# %% [markdown]
+# Unmerging subtracts the same $\Delta W$ (`merge.delta_weight`, the one function both call). The
+# round trip returns $W_0$ up to one rounding per entry; some entries come back bit for bit, some one
+# unit in the last place (ulp) off:
+
+# %%
+for dtype in (np.float64, np.float32, np.float16):
     W = W0.astype(dtype)
     back = merge.unmerge_weight(merge.merge_weight(W, A, B, 4, 2), A, B, 4, 2)
     err = np.abs(back.astype(np.float64) - W.astype(np.float64))
     print(f"{np.dtype(dtype).name:8}: max |unmerge(merge(W0)) - W0| = {err.max():.2e}, "
-          f"entries exactly back: {np.mean(err == 0):.0%}, ulp of 0.25 = {float(np.spacing(dtype(0.25))):.1e}")"""),
-    md(r"""In a model the same happens inside `LoraLinear`: `merge()` folds $\Delta W$ into the base weight and
-the forward pass then runs the base layer alone; `unmerge()` takes it out again."""),
-    code(r"""layer = LoraLinear(nn.Linear(6, 4), module_name="demo")
+          f"entries exactly back: {np.mean(err == 0):.0%}, ulp of 0.25 = {float(np.spacing(dtype(0.25))):.1e}")
+
+# %% [markdown]
+# In a model the same happens inside `LoraLinear`: `merge()` folds $\Delta W$ into the base weight and
+# the forward pass then runs the base layer alone; `unmerge()` takes it out again.
+
+# %%
+layer = LoraLinear(nn.Linear(6, 4), module_name="demo")
 layer.update_layer("default", r=2, lora_alpha=4, init_lora_weights=False)
 layer.set_adapter("default")
 W_start = layer.weight.data.copy()
@@ -88,20 +92,24 @@ print("merged:", layer.merged, layer.merged_adapters, " W changed by max",
       float(np.abs(layer.weight.data - W_start).max()))
 print("max |h merged - h unmerged| =", float(np.abs(layer(xt).numpy() - h_unmerged).max()))
 layer.unmerge()
-print("unmerged:", layer.merged, " max |W - W0| =", float(np.abs(layer.weight.data - W_start).max()))"""),
-    md(r"""## 2. Merged vs unmerged outputs: float32 and float16
+print("unmerged:", layer.merged, " max |W - W0| =", float(np.abs(layer.weight.data - W_start).max()))
 
-Unmerged, the layer adds the adapter's contribution $s\,B(Ax)$ to $W_0x$ in float32. Merged, $\Delta W$
-is first added to $W_0$ **and rounded to $W_0$'s dtype**. `merge_weight` does the addition in float32
-and rounds once (as PEFT does), so the only error is that rounding: relative $2^{-24} \approx 6\cdot10^{-8}$
-in float32, $2^{-11} \approx 5\cdot10^{-4}$ in float16.
+# %% [markdown]
+# ## 2. Merged vs unmerged outputs: float32 and float16
+#
+# Unmerged, the layer adds the adapter's contribution $s\,B(Ax)$ to $W_0x$ in float32. Merged, $\Delta W$
+# is first added to $W_0$ **and rounded to $W_0$'s dtype**. `merge_weight` does the addition in float32
+# and rounds once (as PEFT does), so the only error is that rounding: relative $2^{-24} \approx 6\cdot10^{-8}$
+# in float32, $2^{-11} \approx 5\cdot10^{-4}$ in float16.
+#
+# That error is relative to $W_0$, not to $\Delta W$. A trained adapter is usually small next to $W_0$,
+# so in float16 a good part of it can fall below half an ulp of $W_0$ and **vanish**: the merged entry is
+# bit-identical to $W_0$'s. Below, a 256×256 layer with $W_0 \sim U(\pm 1/16)$ and adapters of
+# decreasing size; the error is measured relative to the adapter's own contribution, which is what the
+# merge is supposed to keep.
 
-That error is relative to $W_0$, not to $\Delta W$. A trained adapter is usually small next to $W_0$,
-so in float16 a good part of it can fall below half an ulp of $W_0$ and **vanish**: the merged entry is
-bit-identical to $W_0$'s. Below, a 256×256 layer with $W_0 \sim U(\pm 1/16)$ and adapters of
-decreasing size; the error is measured relative to the adapter's own contribution, which is what the
-merge is supposed to keep."""),
-    code(r"""d, r, alpha = 256, 8, 16
+# %%
+d, r, alpha = 256, 8, 16
 W0 = rng.uniform(-1, 1, (d, d)) / np.sqrt(d)         # (out, in)
 A = rng.uniform(-1, 1, (r, d)) / np.sqrt(d)          # (r, in)
 x = rng.standard_normal(d)
@@ -123,8 +131,10 @@ ratio = [np.abs(merge.delta_weight(A, b * B_unit, alpha, r)).mean() / np.abs(W0)
 print(f"{'|ΔW|/|W0|':>10} | {'float32: error':>15} {'lost':>6} | {'float16: error':>15} {'lost':>6}")
 for i, q in enumerate(ratio):
     print(f"{q:>10.1e} | {rows['float32'][0][i]:>15.1e} {rows['float32'][1][i]:>6.0%} | "
-          f"{rows['float16'][0][i]:>15.1e} {rows['float16'][1][i]:>6.0%}")"""),
-    code(r"""fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+          f"{rows['float16'][0][i]:>15.1e} {rows['float16'][1][i]:>6.0%}")
+
+# %%
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
 for name, color in (("float32", "tab:blue"), ("float16", "tab:red")):
     left.loglog(ratio, rows[name][0], "o-", color=color, label=name)
     right.semilogx(ratio, 100 * rows[name][1], "o-", color=color, label=name)
@@ -138,23 +148,27 @@ for ax in (left, right):
     ax.invert_xaxis()
     ax.legend()
 fig.tight_layout()
-plt.show()"""),
-    md(r"""Both errors are rounding relative to $W_0$ (about $10^{-7}$ of it in float32, $10^{-3}$ in float16),
-so relative to the adapter they grow as the adapter shrinks. In float32 that stays below 1% over the
-whole range shown. In float16 it is already ~1% of the adapter's contribution when $\Delta W$ is 2% of
-$W_0$, ~5% at 0.5%, and when $\Delta W$ is $10^{-4}$ of $W_0$ most of its entries round away entirely.
-Merging into a 16-bit model is fine for a strong adapter, but it is not free; keep the adapter unmerged
-(or merge into float32 weights) when its update is tiny.
+plt.show()
 
-## 3. Drift over repeated merge/unmerge cycles
+# %% [markdown]
+# Both errors are rounding relative to $W_0$ (about $10^{-7}$ of it in float32, $10^{-3}$ in float16),
+# so relative to the adapter they grow as the adapter shrinks. In float32 that stays below 1% over the
+# whole range shown. In float16 it is already ~1% of the adapter's contribution when $\Delta W$ is 2% of
+# $W_0$, ~5% at 0.5%, and when $\Delta W$ is $10^{-4}$ of $W_0$ most of its entries round away entirely.
+# Merging into a 16-bit model is fine for a strong adapter, but it is not free; keep the adapter unmerged
+# (or merge into float32 weights) when its update is tiny.
+#
+# ## 3. Drift over repeated merge/unmerge cycles
+#
+# Some workflows merge and unmerge many times: generating with merged weights between training steps,
+# or switching adapters in a server. Does the error accumulate? Two cases on the 256×256 layer
+# (float32 and float16 $W_0$, adapter at 1% of $W_0$):
+#
+# - **the same adapter** every cycle: $W \to \text{unmerge}(\text{merge}(W))$;
+# - **an adapter that changes** a little between cycles (as it does during training).
 
-Some workflows merge and unmerge many times: generating with merged weights between training steps,
-or switching adapters in a server. Does the error accumulate? Two cases on the 256×256 layer
-(float32 and float16 $W_0$, adapter at 1% of $W_0$):
-
-- **the same adapter** every cycle: $W \to \text{unmerge}(\text{merge}(W))$;
-- **an adapter that changes** a little between cycles (as it does during training)."""),
-    code(r"""n_cycles = 200 if FAST else 1000
+# %%
+n_cycles = 200 if FAST else 1000
 B_small = 1e-2 * B_unit
 drift = {}
 for dtype in (np.float32, np.float16):
@@ -172,8 +186,10 @@ for dtype in (np.float32, np.float16):
 for (name, changing), errs in drift.items():
     label = "changing adapter" if changing else "same adapter    "
     print(f"{name} {label}: mean |W - W0| after 1, 10, 100, {n_cycles} cycles:",
-          "  ".join(f"{errs[k - 1]:.2e}" for k in (1, 10, 100, n_cycles)))"""),
-    code(r"""fig, ax = plt.subplots(figsize=(7.5, 4.2))
+          "  ".join(f"{errs[k - 1]:.2e}" for k in (1, 10, 100, n_cycles)))
+
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 4.2))
 cycles = np.arange(1, n_cycles + 1)
 styles = {("float32", False): ("tab:blue", "--"), ("float32", True): ("tab:blue", "-"),
           ("float16", False): ("tab:red", "--"), ("float16", True): ("tab:red", "-")}
@@ -191,19 +207,23 @@ ax.set_ylabel("mean |W − W0|")
 ax.set_title("drift of the base weight over merge/unmerge cycles")
 ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()"""),
-    md(r"""With the same adapter the error after one cycle is all there is: the second cycle rounds the same
-numbers the same way, so $W$ stops moving (flat dashed lines). When the adapter changes between cycles
-each round trip rounds differently, the errors are independent, and they add up like a random walk,
-$\propto \sqrt{\text{cycles}}$. If exactness matters, keep a copy of $W_0$ (or reload it) rather than
-unmerge.
+plt.show()
 
-## 4. A small Llama: merged vs unmerged logits
+# %% [markdown]
+# With the same adapter the error after one cycle is all there is: the second cycle rounds the same
+# numbers the same way, so $W$ stops moving (flat dashed lines). When the adapter changes between cycles
+# each round trip rounds differently, the errors are independent, and they add up like a random walk,
+# $\propto \sqrt{\text{cycles}}$. If exactness matters, keep a copy of $W_0$ (or reload it) rather than
+# unmerge.
+#
+# ## 4. A small Llama: merged vs unmerged logits
+#
+# A randomly initialised Llama (hidden size 64, 2 layers, the byte vocabulary), with two adapters on
+# q, k, v, o. `init_lora_weights=False` draws $B$ at random, standing in for trained adapters (with
+# PEFT's $B = 0$ there would be nothing to merge).
 
-A randomly initialised Llama (hidden size 64, 2 layers, the byte vocabulary), with two adapters on
-q, k, v, o. `init_lora_weights=False` draws $B$ at random, standing in for trained adapters (with
-PEFT's $B = 0$ there would be nothing to merge)."""),
-    code(r"""config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+# %%
+config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64)
 minilora.manual_seed(0)
 base = LlamaForCausalLM(config)
@@ -226,11 +246,16 @@ model.unmerge_adapter()
 
 standalone = copy.deepcopy(model).merge_and_unload()          # plain Linear layers, no LoRA left
 print("after merge_and_unload, q_proj is a", type(standalone.model.layers[0].self_attn.q_proj).__name__,
-      "; logits max diff", float(np.abs(standalone(ids).numpy() - logits).max()))"""),
-    md(r"""The merged logits differ from the unmerged ones only by float32 rounding. Twenty merge/unmerge
-cycles of the whole model with the same adapter, as in section 3, leave the weights one rounding away
-from $W_0$, not twenty:"""),
-    code(r"""def weight_drift(model):
+      "; logits max diff", float(np.abs(standalone(ids).numpy() - logits).max()))
+
+
+# %% [markdown]
+# The merged logits differ from the unmerged ones only by float32 rounding. Twenty merge/unmerge
+# cycles of the whole model with the same adapter, as in section 3, leave the weights one rounding away
+# from $W_0$, not twenty:
+
+# %%
+def weight_drift(model):
     # max |W - W0| over every base weight; a wrapped layer's W lives at "<name>.base_layer.weight"
     current = model.get_base_model().state_dict()
     wrapped = lambda k: k.removesuffix(".weight") + ".base_layer.weight"  # noqa: E731
@@ -245,22 +270,26 @@ for cycle in range(1, 21):
         print(f"after {cycle:2} cycles: max |W - W0| = {weight_drift(model):.2e}")
 with model.disable_adapter():
     print("disabled adapters vs the original base model: max logit diff",
-          float(np.abs(model(ids).numpy() - base_logits).max()))"""),
-    md(r"""## 5. Swapping adapters
+          float(np.abs(model(ids).numpy() - base_logits).max()))
 
-> Adapters are small (~100MB for r=16). You can have multiple adapters for different tasks and
-> load/swap them at runtime:
-> ```
-> model.load_adapter("./finetuned-math-adapter", "math-expert")
-> model.load_adapter("./finetuned-code-adapter", "code-assistant")
-> model.set_adapter("math-expert")
-> ```
+# %% [markdown]
+# ## 5. Swapping adapters
+#
+# > Adapters are small (~100MB for r=16). You can have multiple adapters for different tasks and
+# > load/swap them at runtime:
+# > ```
+# > model.load_adapter("./finetuned-math-adapter", "math-expert")
+# > model.load_adapter("./finetuned-code-adapter", "code-assistant")
+# > model.set_adapter("math-expert")
+# > ```
+#
+# The same calls in minilora, with PEFT's file format. Saving writes each adapter to its own folder;
+# a fresh copy of the base model loads them back, and `set_adapter` switches between them without
+# touching $W_0$. (The loaded copy is not bit-identical to `model`: that one's $W_0$ went through the
+# 20 merge/unmerge cycles above, one rounding away from the original; the fresh copy has the original.)
 
-The same calls in minilora, with PEFT's file format. Saving writes each adapter to its own folder;
-a fresh copy of the base model loads them back, and `set_adapter` switches between them without
-touching $W_0$. (The loaded copy is not bit-identical to `model`: that one's $W_0$ went through the
-20 merge/unmerge cycles above, one rounding away from the original; the fresh copy has the original.)"""),
-    code(r"""with tempfile.TemporaryDirectory() as tmp:
+# %%
+with tempfile.TemporaryDirectory() as tmp:
     model.save_pretrained(tmp)                          # tmp/math-expert/, tmp/code-assistant/
     for name in sorted(os.listdir(tmp)):
         print(f"{name}: {sorted(os.listdir(os.path.join(tmp, name)))}, "
@@ -282,38 +311,46 @@ for name in ("math-expert", "code-assistant"):
 print("the two adapters give different logits: max diff",
       float(np.abs(outputs["math-expert"] - outputs["code-assistant"]).max()))
 with served.disable_adapter():
-    print("disable_adapter() gives the base model back:", np.allclose(served(ids).numpy(), base_logits, atol=1e-6))"""),
-    md(r"""To serve a merged adapter and switch, unmerge first: a merged model runs the base layers alone, so
-the active adapter must be taken out of $W_0$ before another is put in
-(`unmerge_adapter` → `set_adapter` → `merge_adapter`). PEFT's `set_adapter` unmerges on its own (with
-a warning); here the three calls are explicit."""),
-    code(r"""served.set_adapter("math-expert")
+    print("disable_adapter() gives the base model back:", np.allclose(served(ids).numpy(), base_logits, atol=1e-6))
+
+# %% [markdown]
+# To serve a merged adapter and switch, unmerge first: a merged model runs the base layers alone, so
+# the active adapter must be taken out of $W_0$ before another is put in
+# (`unmerge_adapter` → `set_adapter` → `merge_adapter`). PEFT's `set_adapter` unmerges on its own (with
+# a warning); here the three calls are explicit.
+
+# %%
+served.set_adapter("math-expert")
 served.merge_adapter()
 print("math-expert merged:   ", np.allclose(served(ids).numpy(), outputs["math-expert"], atol=1e-5))
 served.unmerge_adapter()
 served.set_adapter("code-assistant")
 served.merge_adapter()
 print("code-assistant merged:", np.allclose(served(ids).numpy(), outputs["code-assistant"], atol=1e-5))
-served.unmerge_adapter()"""),
-    md(r"""## 6. Adapter arithmetic: linear, cat, svd
+served.unmerge_adapter()
 
-`add_weighted_adapter(adapters, weights, name, combination_type)` builds one adapter whose update is
-meant to be the weighted sum $\Delta W = \sum_i w_i\,\Delta W_i$ with $\Delta W_i = s_i B_i A_i$. The new
-adapter has $\alpha = r$ (scaling 1); the three ways differ in how they build its $A$ and $B$:
+# %% [markdown]
+# ## 6. Adapter arithmetic: linear, cat, svd
+#
+# `add_weighted_adapter(adapters, weights, name, combination_type)` builds one adapter whose update is
+# meant to be the weighted sum $\Delta W = \sum_i w_i\,\Delta W_i$ with $\Delta W_i = s_i B_i A_i$. The new
+# adapter has $\alpha = r$ (scaling 1); the three ways differ in how they build its $A$ and $B$:
+#
+# - **cat**: stack the factors, $A = \begin{bmatrix} w_1 s_1 A_1 \\ w_2 s_2 A_2 \end{bmatrix}$ and
+#   $B = [\,B_1 \;\; B_2\,]$. A block row times a block column is the sum of the block products, so
+#   $BA = w_1 s_1 B_1A_1 + w_2 s_2 B_2A_2$: **exact**, at rank $r_1 + r_2$.
+# - **linear**: mix the factors, $A = c_1A_1 + c_2A_2$, $B = c_1B_1 + c_2B_2$ with $c_i = \sqrt{w_i s_i}$.
+#   Then $BA = c_1^2 B_1A_1 + c_2^2 B_2A_2 + c_1c_2\,(B_1A_2 + B_2A_1)$: the wanted sum **plus cross
+#   terms** that pair one adapter's $B$ with the other's $A$. Exact only for a single adapter.
+# - **svd**: form $\sum_i w_i\Delta W_i$, take its SVD and keep the top `svd_rank` singular triplets, the
+#   best approximation of that rank (Eckart–Young). Exact when `svd_rank` $\geq$ the sum's rank
+#   ($\leq r_1 + r_2$); otherwise the error is exactly the dropped singular values.
+#
+# Each combination of the two rank-4 adapters, weights 0.7 and 0.3, compared with the exact weighted
+# sum of their deltas, layer by layer:
 
-- **cat**: stack the factors, $A = \begin{bmatrix} w_1 s_1 A_1 \\ w_2 s_2 A_2 \end{bmatrix}$ and
-  $B = [\,B_1 \;\; B_2\,]$. A block row times a block column is the sum of the block products, so
-  $BA = w_1 s_1 B_1A_1 + w_2 s_2 B_2A_2$: **exact**, at rank $r_1 + r_2$.
-- **linear**: mix the factors, $A = c_1A_1 + c_2A_2$, $B = c_1B_1 + c_2B_2$ with $c_i = \sqrt{w_i s_i}$.
-  Then $BA = c_1^2 B_1A_1 + c_2^2 B_2A_2 + c_1c_2\,(B_1A_2 + B_2A_1)$: the wanted sum **plus cross
-  terms** that pair one adapter's $B$ with the other's $A$. Exact only for a single adapter.
-- **svd**: form $\sum_i w_i\Delta W_i$, take its SVD and keep the top `svd_rank` singular triplets, the
-  best approximation of that rank (Eckart–Young). Exact when `svd_rank` $\geq$ the sum's rank
-  ($\leq r_1 + r_2$); otherwise the error is exactly the dropped singular values.
-
-Each combination of the two rank-4 adapters, weights 0.7 and 0.3, compared with the exact weighted
-sum of their deltas, layer by layer:"""),
-    code(r"""weights = [0.7, 0.3]
+# %%
+weights = [0.7, 0.3]
 pair = ["math-expert", "code-assistant"]
 combos = {"linear": dict(combination_type="linear"),
           "cat": dict(combination_type="cat"),
@@ -332,10 +369,14 @@ print(f"{'combination':<12} {'new rank':>8}  relative error ||ΔW_new − Σ w_i
 for i, label in enumerate(combos):
     rank = model.peft_config[f"mix{i}"].r
     print(f"{label:<12} {rank:>8}  max over {len(errors[label])} layers {max(errors[label]):.2e}, "
-          f"mean {np.mean(errors[label]):.2e}")"""),
-    md(r"""The truncated SVD's error is exactly what Eckart–Young predicts: the dropped singular values of the
-target. And at the model level, the exact `cat` adapter is the reference the others miss:"""),
-    code(r"""name, layer = model.lora_layers()[0]
+          f"mean {np.mean(errors[label]):.2e}")
+
+# %% [markdown]
+# The truncated SVD's error is exactly what Eckart–Young predicts: the dropped singular values of the
+# target. And at the model level, the exact `cat` adapter is the reference the others miss:
+
+# %%
+name, layer = model.lora_layers()[0]
 target = sum(w * layer.get_delta_weight(a) for a, w in zip(pair, weights))
 sv = np.linalg.svd(target.astype(np.float64), compute_uv=False)
 predicted = np.sqrt((sv[4:] ** 2).sum()) / np.linalg.norm(target)
@@ -345,8 +386,10 @@ model.set_adapter("mix1")                                 # cat: exact
 reference = model(ids).numpy()
 for i, label in enumerate(combos):
     model.set_adapter(f"mix{i}")
-    print(f"{label:<12} logits vs the exact (cat) combination: max diff {np.abs(model(ids).numpy() - reference).max():.2e}")"""),
-    code(r"""fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    print(f"{label:<12} logits vs the exact (cat) combination: max diff {np.abs(model(ids).numpy() - reference).max():.2e}")
+
+# %%
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
 labels = list(combos)
 means = [max(np.mean(errors[k]), 1e-9) for k in labels]       # floor: a log axis cannot show 0
 left.bar(labels, means, color=["tab:red", "tab:green", "tab:orange", "tab:olive"])
@@ -368,28 +411,21 @@ right.set_xlabel("singular value index")
 right.set_ylabel("singular value")
 right.set_title(f"singular values of Σ w_i ΔW_i ({name})")
 fig.tight_layout()
-plt.show()"""),
-    md(r"""The weighted sum of two rank-4 updates has rank 8: singular values 9 onwards are rounding noise.
-`cat` reproduces it exactly (error at float32 rounding) at rank 8; `svd` with rank 8 does too, and
-with rank 4 it keeps the best half; `linear` adds cross terms $B_1A_2$, $B_2A_1$ that nobody trained,
-and its error is of the order of the update itself.
+plt.show()
 
-## What to take away
-
-- Merging is $W_0 + \Delta W$, rounded once to $W_0$'s dtype; unmerging subtracts the same $\Delta W$.
-  The output changes only by that rounding.
-- In float16 the rounding is relative to $W_0$: a small adapter partly **vanishes** when merged.
-- A fixed adapter merged and unmerged any number of times drifts by one rounding; an adapter that
-  changes between cycles drifts like a random walk. Keep $W_0$ if you need it back exactly.
-- Swapping adapters is `set_adapter`; with merged weights, unmerge first.
-- Only `cat` combines adapters exactly (at the sum of the ranks); `svd` is the best fixed-rank
-  approximation; `linear` adds cross terms."""),
-]
-
-
-def main():
-    write_notebook(CELLS, OUT)
-
-
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# The weighted sum of two rank-4 updates has rank 8: singular values 9 onwards are rounding noise.
+# `cat` reproduces it exactly (error at float32 rounding) at rank 8; `svd` with rank 8 does too, and
+# with rank 4 it keeps the best half; `linear` adds cross terms $B_1A_2$, $B_2A_1$ that nobody trained,
+# and its error is of the order of the update itself.
+#
+# ## What to take away
+#
+# - Merging is $W_0 + \Delta W$, rounded once to $W_0$'s dtype; unmerging subtracts the same $\Delta W$.
+#   The output changes only by that rounding.
+# - In float16 the rounding is relative to $W_0$: a small adapter partly **vanishes** when merged.
+# - A fixed adapter merged and unmerged any number of times drifts by one rounding; an adapter that
+#   changes between cycles drifts like a random walk. Keep $W_0$ if you need it back exactly.
+# - Swapping adapters is `set_adapter`; with merged weights, unmerge first.
+# - Only `cat` combines adapters exactly (at the sum of the ranks); `svd` is the best fixed-rank
+#   approximation; `linear` adds cross terms.

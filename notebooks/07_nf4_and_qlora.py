@@ -1,50 +1,39 @@
-"""Build notebooks/07_nf4_and_qlora.ipynb (then execute it in place to store the outputs).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    .venv/bin/python notebooks/_build/build_07_nf4_qlora.py
-    .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/07_nf4_and_qlora.ipynb
+# %% [markdown]
+# # 07 · NF4 and QLoRA
+#
+# > QLoRA stores the base model in 4-bit NormalFloat (NF4) while keeping LoRA adapters in 16-bit.
+# > Same quality as full 16-bit LoRA at a fraction of the memory. — *What is LoRA?*
+#
+# QLoRA (Dettmers et al., 2023) changes one thing in LoRA: the frozen base weights $W_0$ are stored
+# in 4 bits and dequantized on the fly, while $A$ and $B$ train in full precision on top. This
+# notebook takes that 4-bit format apart, using only `minilora.quant` and `minilora.memory`:
+#
+# 1. the **NF4 code book**, built from normal quantiles step by step;
+# 2. **one block quantized by hand**: absmax, normalise, nearest code, two indices per byte;
+# 3. **bits per parameter**: 4.5, and 4.127 with **double quantization**, read off the stored arrays;
+# 4. the **quantization error** of NF4 against FP4 and int4, and where each one is good;
+# 5. **memory** for Llama 7B, 13B and 70B (full fine-tuning, LoRA, QLoRA), and the article's "35 GB";
+# 6. a **QLoRA fine-tune** of the shipped base model next to plain LoRA: same seed, same batches.
+#
+# Every quantizer here matches bitsandbytes 0.50.2 byte for byte (`tests/test_nf4.py` checks it).
 
-QLoRA's 4-bit base: the NF4 code book built from normal quantiles, one block quantized by hand,
-bits per parameter with and without double quantization (from the stored arrays), the quantization
-error of NF4 against FP4 and int4, memory for Llama 7B/13B/70B (full, LoRA, QLoRA) with the
-article's "35 GB" checked, and a short QLoRA-vs-LoRA fine-tune of the shipped base model.
-MINILORA_FAST=1 uses a smaller test matrix, fewer steps and a smaller held-out set (the committed
-outputs use the full settings).
-"""
-from __future__ import annotations
-
+# %%
 import os
-from pathlib import Path
-
-import sys
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _write import write_notebook  # noqa: E402
-from nbformat.v4 import new_code_cell, new_markdown_cell
-
-ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "notebooks" / "07_nf4_and_qlora.ipynb"
-
-md, code = new_markdown_cell, new_code_cell
-
-CELLS = [
-    md(r"""# 07 · NF4 and QLoRA
-
-> QLoRA stores the base model in 4-bit NormalFloat (NF4) while keeping LoRA adapters in 16-bit.
-> Same quality as full 16-bit LoRA at a fraction of the memory. — *What is LoRA?*
-
-QLoRA (Dettmers et al., 2023) changes one thing in LoRA: the frozen base weights $W_0$ are stored
-in 4 bits and dequantized on the fly, while $A$ and $B$ train in full precision on top. This
-notebook takes that 4-bit format apart, using only `minilora.quant` and `minilora.memory`:
-
-1. the **NF4 code book**, built from normal quantiles step by step;
-2. **one block quantized by hand**: absmax, normalise, nearest code, two indices per byte;
-3. **bits per parameter**: 4.5, and 4.127 with **double quantization**, read off the stored arrays;
-4. the **quantization error** of NF4 against FP4 and int4, and where each one is good;
-5. **memory** for Llama 7B, 13B and 70B (full fine-tuning, LoRA, QLoRA), and the article's "35 GB";
-6. a **QLoRA fine-tune** of the shipped base model next to plain LoRA: same seed, same batches.
-
-Every quantizer here matches bitsandbytes 0.50.2 byte for byte (`tests/test_nf4.py` checks it)."""),
-    code(r"""import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny matrices: one BLAS thread is fastest (set before NumPy loads)
 
@@ -73,28 +62,32 @@ minilora.manual_seed(SEED)
 rng = np.random.default_rng(SEED)
 np.set_printoptions(precision=4, suppress=True)
 NF4, FP4, INT4 = quant.NF4_CODE, quant.FP4_CODE, quant.INT4_CODE
-QUANTIZERS = {"NF4": quant.quantize_nf4, "FP4": quant.quantize_fp4, "int4": quant.quantize_int4}"""),
-    md(r"""## 1. The NF4 code book, from normal quantiles
+QUANTIZERS = {"NF4": quant.quantize_nf4, "FP4": quant.quantize_fp4, "int4": quant.quantize_int4}
 
-A 4-bit index can name 16 values, the **code book**. Pretrained weights are roughly normal, so
-QLoRA puts the 16 values at **quantiles of the standard normal**: each code then stands for about
-the same share of the weights, and no pattern is wasted on a range where few weights fall.
+# %% [markdown]
+# ## 1. The NF4 code book, from normal quantiles
+#
+# A 4-bit index can name 16 values, the **code book**. Pretrained weights are roughly normal, so
+# QLoRA puts the 16 values at **quantiles of the standard normal**: each code then stands for about
+# the same share of the weights, and no pattern is wasted on a range where few weights fall.
+#
+# `codebooks.create_normal_map` does this in three steps; here they are written out, with
+# `statistics.NormalDist().inv_cdf` as $\Phi^{-1}$ (no SciPy):
+#
+# 1. **positive half**: 9 evenly spaced probabilities from $p_\text{max}$ down to $0.5$; drop
+#    $0.5$ (its quantile is 0); take $\Phi^{-1}$ of the other 8;
+# 2. **negative half**: 8 evenly spaced probabilities from $p_\text{max}$ to $0.5$; drop $0.5$; negate
+#    the 7 quantiles;
+# 3. add one **exact zero**, sort, and divide by the largest value so the ends are exactly $\pm 1$.
+#
+# $\Phi^{-1}(1) = \infty$, so the outer probability must stay below 1; QLoRA takes
+# $p_\text{max} = \frac12\big[(1 - \frac{1}{2\cdot 15}) + (1 - \frac{1}{2\cdot 16})\big] = 0.9677083$.
+# The result is **asymmetric** (8 positive values, 7 negative, one zero): a symmetric book with an
+# exact zero has an odd number of values, and 16 is even. int4 shows the alternative: it keeps
+# symmetry and spends its 16th pattern on a second zero.
 
-`codebooks.create_normal_map` does this in three steps; here they are written out, with
-`statistics.NormalDist().inv_cdf` as $\Phi^{-1}$ (no SciPy):
-
-1. **positive half**: 9 evenly spaced probabilities from $p_\text{max}$ down to $0.5$; drop
-   $0.5$ (its quantile is 0); take $\Phi^{-1}$ of the other 8;
-2. **negative half**: 8 evenly spaced probabilities from $p_\text{max}$ to $0.5$; drop $0.5$; negate
-   the 7 quantiles;
-3. add one **exact zero**, sort, and divide by the largest value so the ends are exactly $\pm 1$.
-
-$\Phi^{-1}(1) = \infty$, so the outer probability must stay below 1; QLoRA takes
-$p_\text{max} = \frac12\big[(1 - \frac{1}{2\cdot 15}) + (1 - \frac{1}{2\cdot 16})\big] = 0.9677083$.
-The result is **asymmetric** (8 positive values, 7 negative, one zero): a symmetric book with an
-exact zero has an odd number of values, and 16 is even. int4 shows the alternative: it keeps
-symmetry and spends its 16th pattern on a second zero."""),
-    code(r"""p_max = codebooks.NF4_OFFSET                                   # 0.9677083
+# %%
+p_max = codebooks.NF4_OFFSET                                   # 0.9677083
 phi_inv = NormalDist().inv_cdf                                 # Φ⁻¹, the standard normal quantile
 p_pos = codebooks.float32_linspace(p_max, 0.5, 9)[:-1]        # (8,) probabilities, float32 like torch
 p_neg = codebooks.float32_linspace(p_max, 0.5, 8)[:-1]        # (7,)
@@ -118,11 +111,15 @@ p64_pos, p64_neg = np.linspace(p_max, 0.5, 9)[:-1], np.linspace(p_max, 0.5, 8)[:
 v64 = np.array([phi_inv(p) for p in p64_pos] + [0.0] + [-phi_inv(p) for p in p64_neg], np.float32)
 v64.sort()
 print(f"\nwith float64 probabilities instead: {np.sum(v64 / v64.max() != NF4)} of 16 codes differ "
-      "(bitsandbytes builds them in float32)")"""),
-    md(r"""The three code books side by side. NF4's values crowd around 0, where most of a normal block
-lies, and thin out towards $\pm 1$; FP4 (1 sign, 2 exponent, 1 mantissa bit, bitsandbytes' layout)
-crowds even harder and has big gaps at the top; int4 is evenly spaced, $k/7$."""),
-    code(r"""fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+      "(bitsandbytes builds them in float32)")
+
+# %% [markdown]
+# The three code books side by side. NF4's values crowd around 0, where most of a normal block
+# lies, and thin out towards $\pm 1$; FP4 (1 sign, 2 exponent, 1 mantissa bit, bitsandbytes' layout)
+# crowds even harder and has big gaps at the top; int4 is evenly spaced, $k/7$.
+
+# %%
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
 z = np.linspace(-2.2, 2.2, 400)
 pdf = np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)
 left.plot(z, pdf, color="k", lw=1.5)
@@ -148,22 +145,26 @@ right.set_xlabel("code value (× the block's absmax)")
 right.set_title("the 16 patterns of each 4-bit code book")
 fig.tight_layout()
 plt.show()
-print("FP4 holds +0 and -0, int4 holds +0 and -0: both waste one of their 16 patterns")"""),
-    md(r"""## 2. One block, quantized by hand
+print("FP4 holds +0 and -0, int4 holds +0 and -0: both waste one of their 16 patterns")
 
-Blockwise quantization cuts the flattened weight into blocks of 64 and stores, per block, one
-float32 **absmax** and 64 **4-bit indices**:
+# %% [markdown]
+# ## 2. One block, quantized by hand
+#
+# Blockwise quantization cuts the flattened weight into blocks of 64 and stores, per block, one
+# float32 **absmax** and 64 **4-bit indices**:
+#
+# 1. $\text{absmax} = \max_i |w_i|$ over the block;
+# 2. normalise: $s_i = w_i \cdot \text{fl}(1/\text{absmax}) \in [-1, 1]$ (bitsandbytes multiplies by the
+#    float32 reciprocal);
+# 3. nearest code: with the 15 midpoints $m_j = (c_j + c_{j+1})/2$, the index is the number of
+#    midpoints strictly below $s_i$ (a value exactly on a midpoint takes the **lower** index);
+# 4. pack two indices per byte: byte $k$ = `idx[2k] << 4 | idx[2k+1]`, the **even element in the high
+#    nibble**.
+#
+# Dequantizing is one multiply, $\hat w_i = c_{\text{idx}_i} \cdot \text{absmax}$.
 
-1. $\text{absmax} = \max_i |w_i|$ over the block;
-2. normalise: $s_i = w_i \cdot \text{fl}(1/\text{absmax}) \in [-1, 1]$ (bitsandbytes multiplies by the
-   float32 reciprocal);
-3. nearest code: with the 15 midpoints $m_j = (c_j + c_{j+1})/2$, the index is the number of
-   midpoints strictly below $s_i$ (a value exactly on a midpoint takes the **lower** index);
-4. pack two indices per byte: byte $k$ = `idx[2k] << 4 | idx[2k+1]`, the **even element in the high
-   nibble**.
-
-Dequantizing is one multiply, $\hat w_i = c_{\text{idx}_i} \cdot \text{absmax}$."""),
-    code(r"""w = (0.02 * rng.standard_normal(64)).astype(np.float32)       # (64,) one block, std 0.02 like Llama's init
+# %%
+w = (0.02 * rng.standard_normal(64)).astype(np.float32)       # (64,) one block, std 0.02 like Llama's init
 absmax = np.abs(w).max()                                       # float32 scalar
 scaled = w * (np.float32(1) / absmax)                          # (64,) in [-1, 1]
 mid = (NF4[:-1] + NF4[1:]) / np.float32(2)                     # (15,) decision boundaries
@@ -187,23 +188,39 @@ q = quant.quantize_nf4(w)
 print("\nquant.quantize_nf4(w):", q)
 print("same bytes:", np.array_equal(q.packed, packed), "| same absmax:", bool(q.absmax[0] == absmax),
       "| same dequantized values:", np.array_equal(q.dequantize(), w_hat),
-      "| unpack_4bit gives the indices back:", np.array_equal(quant.unpack_4bit(q.packed, 64), idx))"""),
-    md(r"""## 3. Bits per parameter, and double quantization
+      "| unpack_4bit gives the indices back:", np.array_equal(quant.unpack_4bit(q.packed, 64), idx))
 
-Each block of 64 weights stores $64 \times 4$ bits of indices plus one 32-bit absmax:
-$4 + 32/64 = 4.5$ bits per weight. The article's "70B × 0.5 bytes" counts only the 4.
+# %% [markdown]
+# The bins again, now with real weights: `minilora.viz.draw_nf4_bins` quantizes the shipped base
+# model's layer-0 `q_proj` (128 × 128) with `quant.quantize_nf4`, divides every block of 64 by the
+# absmax it stored, and draws the values over the 16 codes (the first block as ticks underneath). The
+# peaks at ±1 are each block's largest weight, which lands exactly on a code.
 
-**Double quantization** (QLoRA's second trick) quantizes the absmax values themselves:
+# %%
+from minilora import viz
 
-1. subtract their mean (the **offset**; absmax values are all positive, centring them uses both
-   signs of the code);
-2. quantize the centred values in blocks of 256 to **8 bits** with bitsandbytes' signed *dynamic*
-   map (`quant.DYNAMIC_MAP`: roughly constant relative precision over six decades), keeping one
-   float32 absmax per 256 constants.
+fig = viz.draw_nf4_bins(load_base_model().model.layers[0].self_attn.q_proj.weight, blocksize=64)
+plt.show()
 
-Cost: $8/64 + 32/(64 \cdot 256) = 0.127$ bits instead of $0.5$, so **4.127** bits per weight. Below,
-both numbers are read off the arrays a quantized N(0, 1) matrix actually stores."""),
-    code(r"""W = rng.standard_normal((ROWS, 4096), dtype=np.float32)       # (ROWS, 4096) N(0, 1) weights
+# %% [markdown]
+# ## 3. Bits per parameter, and double quantization
+#
+# Each block of 64 weights stores $64 \times 4$ bits of indices plus one 32-bit absmax:
+# $4 + 32/64 = 4.5$ bits per weight. The article's "70B × 0.5 bytes" counts only the 4.
+#
+# **Double quantization** (QLoRA's second trick) quantizes the absmax values themselves:
+#
+# 1. subtract their mean (the **offset**; absmax values are all positive, centring them uses both
+#    signs of the code);
+# 2. quantize the centred values in blocks of 256 to **8 bits** with bitsandbytes' signed *dynamic*
+#    map (`quant.DYNAMIC_MAP`: roughly constant relative precision over six decades), keeping one
+#    float32 absmax per 256 constants.
+#
+# Cost: $8/64 + 32/(64 \cdot 256) = 0.127$ bits instead of $0.5$, so **4.127** bits per weight. Below,
+# both numbers are read off the arrays a quantized N(0, 1) matrix actually stores.
+
+# %%
+W = rng.standard_normal((ROWS, 4096), dtype=np.float32)       # (ROWS, 4096) N(0, 1) weights
 stored = {}
 for dq in (False, True):
     qW = quant.quantize_nf4(W, blocksize=64, double_quant=dq)
@@ -215,10 +232,14 @@ for dq in (False, True):
           f"(nf4_bits_per_parameter: {quant.nf4_bits_per_parameter(64, dq):.6f}; "
           f"storage_bytes agrees: {sum(quant.storage_bytes(W.size, 64, dq).values()) == qW.nbytes})")
 print(f"\nfloat32 would take {W.nbytes:,} bytes: {W.nbytes / stored[True].nbytes:.2f}x more; "
-      f"bfloat16 {W.nbytes // 2:,}: {W.nbytes / 2 / stored[True].nbytes:.2f}x more")"""),
-    md(r"""The second quantization step by step, with the package's 8-bit blockwise quantizer. The
-reconstruction must equal what the `NF4Tensor` uses when it dequantizes:"""),
-    code(r"""blocks = W.reshape(-1, 64)                                     # (n_blocks, 64)
+      f"bfloat16 {W.nbytes // 2:,}: {W.nbytes / 2 / stored[True].nbytes:.2f}x more")
+
+# %% [markdown]
+# The second quantization step by step, with the package's 8-bit blockwise quantizer. The
+# reconstruction must equal what the `NF4Tensor` uses when it dequantizes:
+
+# %%
+blocks = W.reshape(-1, 64)                                     # (n_blocks, 64)
 absmax_all = np.abs(blocks).max(axis=1)                        # (n_blocks,) float32, all positive
 offset = np.float32(absmax_all.mean(dtype=np.float64))         # one float32 per tensor
 codes8, nested = quant.quantize_blockwise_8bit(absmax_all - offset)    # (n_blocks,) uint8, (n_blocks/256,) float32
@@ -230,27 +251,35 @@ rel = np.abs(rebuilt - absmax_all) / absmax_all
 print(f"relative error of the 8-bit absmax: mean {rel.mean():.2e}, max {rel.max():.2e}")
 err = {dq: quant.quantization_error(W, stored[dq].dequantize()) for dq in (False, True)}
 print(f"weight RMSE: {err[False]['rmse']:.6f} without, {err[True]['rmse']:.6f} with double quantization "
-      f"(+{err[True]['rmse'] / err[False]['rmse'] - 1:.2%}) for {4.5 - 4.126953:.3f} fewer bits per weight")"""),
-    md(r"""The block size trades the same two things: larger blocks mean fewer constants but one outlier
-stretches the scale of more weights. QLoRA's choice is 64 with double quantization."""),
-    code(r"""sub = W[: min(ROWS, 1024)]                                     # (1024, 4096) is plenty for the sweep
+      f"(+{err[True]['rmse'] / err[False]['rmse'] - 1:.2%}) for {4.5 - 4.126953:.3f} fewer bits per weight")
+
+# %% [markdown]
+# The block size trades the same two things: larger blocks mean fewer constants but one outlier
+# stretches the scale of more weights. QLoRA's choice is 64 with double quantization.
+
+# %%
+sub = W[: min(ROWS, 1024)]                                     # (1024, 4096) is plenty for the sweep
 print(f"{'blocksize':>9} | {'bits/param':>10} {'RMSE':>8} | {'bits/param, DQ':>14} {'RMSE, DQ':>9}")
 for bs in (32, 64, 128, 256):
     cells = []
     for dq in (False, True):
         qs = quant.quantize_nf4(sub, blocksize=bs, double_quant=dq)
         cells.append((qs.bits_per_parameter, quant.quantization_error(sub, qs.dequantize())["rmse"]))
-    print(f"{bs:>9} | {cells[0][0]:>10.4f} {cells[0][1]:>8.5f} | {cells[1][0]:>14.4f} {cells[1][1]:>9.5f}")"""),
-    md(r"""## 4. Quantization error: NF4 against FP4 and int4
+    print(f"{bs:>9} | {cells[0][0]:>10.4f} {cells[0][1]:>8.5f} | {cells[1][0]:>14.4f} {cells[1][1]:>9.5f}")
 
-> 4-bit NormalFloat (NF4) — A quantization scheme optimized for normally-distributed weights,
-> achieving near-lossless compression at 4 bits per parameter. — *What is LoRA?*
+# %% [markdown]
+# ## 4. Quantization error: NF4 against FP4 and int4
+#
+# > 4-bit NormalFloat (NF4) — A quantization scheme optimized for normally-distributed weights,
+# > achieving near-lossless compression at 4 bits per parameter. — *What is LoRA?*
+#
+# The same N(0, 1) matrix through each code book, blocksize 64, with `quant.quantization_error`. For
+# reference, bitsandbytes on a different random 4096×4096 N(0, 1) matrix measures NF4 0.07281 /
+# 0.6041 / 0.09199 (mean abs / max abs / RMSE), NF4 with double quantization 0.07288 / 0.5986 /
+# 0.09201, FP4 0.09656 / 0.7226 / 0.12195.
 
-The same N(0, 1) matrix through each code book, blocksize 64, with `quant.quantization_error`. For
-reference, bitsandbytes on a different random 4096×4096 N(0, 1) matrix measures NF4 0.07281 /
-0.6041 / 0.09199 (mean abs / max abs / RMSE), NF4 with double quantization 0.07288 / 0.5986 /
-0.09201, FP4 0.09656 / 0.7226 / 0.12195."""),
-    code(r"""q4 = {name: f(W) for name, f in QUANTIZERS.items()}             # blocksize 64, no double quant
+# %%
+q4 = {name: f(W) for name, f in QUANTIZERS.items()}             # blocksize 64, no double quant
 deq = {name: q.dequantize() for name, q in q4.items()}         # each (ROWS, 4096) float32
 deq["NF4 + DQ"] = stored[True].dequantize()
 errors = {name: quant.quantization_error(W, w_hat) for name, w_hat in deq.items()}
@@ -258,11 +287,15 @@ print(f"N(0, 1) matrix {W.shape}, blocksize 64")
 print(f"{'':<9}{'mean |error|':>13}{'max |error|':>13}{'RMSE':>9}{'SNR (dB)':>10}")
 for name, e in errors.items():
     snr = 10 * np.log10(W.var(dtype=np.float64) / e["rmse"] ** 2)
-    print(f"{name:<9}{e['mean_abs_error']:>13.5f}{e['max_abs_error']:>13.4f}{e['rmse']:>9.5f}{snr:>10.2f}")"""),
-    md(r"""Three views of where the error comes from: its distribution, its size as a function of the
-weight's value (with the density of N(0, 1) behind it), and how often each of the 16 codes is used
-(a code book that spends its patterns well uses them all about equally: 4 bits of entropy)."""),
-    code(r"""flat = W.reshape(-1)
+    print(f"{name:<9}{e['mean_abs_error']:>13.5f}{e['max_abs_error']:>13.4f}{e['rmse']:>9.5f}{snr:>10.2f}")
+
+# %% [markdown]
+# Three views of where the error comes from: its distribution, its size as a function of the
+# weight's value (with the density of N(0, 1) behind it), and how often each of the 16 codes is used
+# (a code book that spends its patterns well uses them all about equally: 4 bits of entropy).
+
+# %%
+flat = W.reshape(-1)
 fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
 colors = {"NF4": "C0", "FP4": "C1", "int4": "C2"}
 bins = np.linspace(-0.7, 0.7, 141)
@@ -306,22 +339,26 @@ axes[2].set_title("how often each code is used (dotted: 1/16)")
 axes[2].legend(fontsize=8)
 fig.tight_layout()
 plt.show()
-print("entropy of the 4-bit indices:", {k: round(v, 3) for k, v in entropy.items()})"""),
-    md(r"""- **NF4 has the lowest mean and RMS error** on normal weights, with its codes used most evenly
-  (entropy closest to 4 bits), which is what it was designed for. The bins are not exactly
-  equiprobable: a block is scaled by its own absmax (on average $2.6\sigma$ for 64 normal values,
-  the offset printed in section 3, not the $1.848\sigma$ of the code book's outermost quantile),
-  so the values crowd towards the middle codes and the outer codes are used less.
-- **int4 has the smallest worst case.** Its even spacing leaves no wide gap, while NF4's and FP4's
-  widest gaps are near $\pm 1$: a weight just below the block's largest lands far from any code.
-  Those weights are rare, so the RMSE still favours NF4.
-- **FP4 is worst on both counts here**: it spends codes on tiny values ($\pm 0.0625/12$) and leaves a
-  gap of a third of the absmax between $8/12$ and $12/12$.
+print("entropy of the 4-bit indices:", {k: round(v, 3) for k, v in entropy.items()})
 
-"Optimized for normally-distributed weights" is a real condition, not a slogan. The same comparison
-on **uniform** weights, and on the **shipped base model's** own Linear weights (one matrix at a time,
-as QLoRA stores them), error relative to each matrix's standard deviation:"""),
-    code(r"""base = load_base_model()
+# %% [markdown]
+# - **NF4 has the lowest mean and RMS error** on normal weights, with its codes used most evenly
+#   (entropy closest to 4 bits), which is what it was designed for. The bins are not exactly
+#   equiprobable: a block is scaled by its own absmax (on average $2.6\sigma$ for 64 normal values,
+#   the offset printed in section 3, not the $1.848\sigma$ of the code book's outermost quantile),
+#   so the values crowd towards the middle codes and the outer codes are used less.
+# - **int4 has the smallest worst case.** Its even spacing leaves no wide gap, while NF4's and FP4's
+#   widest gaps are near $\pm 1$: a weight just below the block's largest lands far from any code.
+#   Those weights are rare, so the RMSE still favours NF4.
+# - **FP4 is worst on both counts here**: it spends codes on tiny values ($\pm 0.0625/12$) and leaves a
+#   gap of a third of the absmax between $8/12$ and $12/12$.
+#
+# "Optimized for normally-distributed weights" is a real condition, not a slogan. The same comparison
+# on **uniform** weights, and on the **shipped base model's** own Linear weights (one matrix at a time,
+# as QLoRA stores them), error relative to each matrix's standard deviation:
+
+# %%
+base = load_base_model()
 linear_weights = [p.data for n, p in base.named_parameters()
                   if p.data.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n]  # 28 matrices
 
@@ -344,15 +381,19 @@ samples = {"N(0, 1)": [W[:1024]], "uniform(-1, 1)": [rng.uniform(-1, 1, (1024, 4
 print(f"{'weights':<27}{'excess kurtosis':>16}" + "".join(f"{name:>8}" for name in QUANTIZERS))
 for label, mats in samples.items():
     kurt = excess_kurtosis(np.concatenate([m.reshape(-1) for m in mats]))
-    print(f"{label:<27}{kurt:>16.2f}" + "".join(f"{relative_rmse(f, mats):>8.4f}" for f in QUANTIZERS.values()))"""),
-    md(r"""On uniform weights int4 wins clearly: evenly spaced codes are optimal for evenly spread values,
-and NF4 wastes resolution near zero. The base model's weights are close enough to normal (excess
-kurtosis 0.65, against 0 for a normal and -1.2 for the uniform: slightly heavier tails) that NF4
-keeps its advantage, as it does for real LLMs.
+    print(f"{label:<27}{kurt:>16.2f}" + "".join(f"{relative_rmse(f, mats):>8.4f}" for f in QUANTIZERS.values()))
 
-"Near-lossless" is a claim about the *model*, not the matrix. Quantize every Linear of the shipped
-base model (all but `lm_head`, as bitsandbytes does) and score it on held-out pretraining text:"""),
-    code(r"""tok = ByteTokenizer()
+# %% [markdown]
+# On uniform weights int4 wins clearly: evenly spaced codes are optimal for evenly spread values,
+# and NF4 wastes resolution near zero. The base model's weights are close enough to normal (excess
+# kurtosis 0.65, against 0 for a normal and -1.2 for the uniform: slightly heavier tails) that NF4
+# keeps its advantage, as it does for real LLMs.
+#
+# "Near-lossless" is a claim about the *model*, not the matrix. Quantize every Linear of the shipped
+# base model (all but `lm_head`, as bitsandbytes does) and score it on held-out pretraining text:
+
+# %%
+tok = ByteTokenizer()
 _, pretrain_val = pretraining_data(tok)                        # held-out stdlib docstrings
 text_batches = [random_batches(pretrain_val, 16, 128, np.random.default_rng(SEED + i))
                 for i in range(2 if FAST else 4)]              # fixed (16, 128) windows
@@ -367,23 +408,27 @@ for name, m in bases.items():
     print(f"{name:<10}{bits:>11.4f}{s['total_bytes'] / 1024:>7.0f} KiB{text_loss[name]:>11.4f}"
           f"{text_loss[name] - text_loss['float32']:>+9.4f}")
 print()
-print(format_quantization_summary(quantization_summary(bases["NF4"])))"""),
-    md(r"""All three 4-bit bases lose little (0.8% to 1.8% of the loss): NF4 and int4 tie (Δ loss 0.0116
-and 0.0114, although int4's weight error above is 18% larger), and FP4 loses twice as much. Two
-details in the summary: the measured 4.1282 bits per parameter is a little above 4.127 because
-each of these small matrices (16,384 or 44,032 weights) pays its own offset and nested absmax (the
-44,032-weight ones fill only 688 of their 768 nested slots); and the whole model shrinks 5.1x, not
-the 7.75x of a single matrix, because the embeddings, norms and `lm_head` (67,456 of its 857,984
-parameters, 8%) stay in float32. In Llama-7B they are 4% of the parameters.
+print(format_quantization_summary(quantization_summary(bases["NF4"])))
 
-## 5. Memory for 7B, 13B and 70B: full, LoRA, QLoRA
+# %% [markdown]
+# All three 4-bit bases lose little (0.8% to 1.8% of the loss): NF4 and int4 tie (Δ loss 0.0116
+# and 0.0114, although int4's weight error above is 18% larger), and FP4 loses twice as much. Two
+# details in the summary: the measured 4.1282 bits per parameter is a little above 4.127 because
+# each of these small matrices (16,384 or 44,032 weights) pays its own offset and nested absmax (the
+# 44,032-weight ones fill only 688 of their 768 nested slots); and the whole model shrinks 5.1x, not
+# the 7.75x of a single matrix, because the embeddings, norms and `lm_head` (67,456 of its 857,984
+# parameters, 8%) stay in float32. In Llama-7B they are 4% of the parameters.
+#
+# ## 5. Memory for 7B, 13B and 70B: full, LoRA, QLoRA
+#
+# What one parameter costs while training (`memory.bytes_per_parameter`), against the article's
+# Quick Reference:
+#
+# > full fine-tune: ~16 bytes per param (model + grads + optim) · LoRA: ~2 bytes per trainable param +
+# > 2 bytes per frozen param · QLoRA: ~0.5 bytes per frozen param (4-bit) + 2 bytes per LoRA param
 
-What one parameter costs while training (`memory.bytes_per_parameter`), against the article's
-Quick Reference:
-
-> full fine-tune: ~16 bytes per param (model + grads + optim) · LoRA: ~2 bytes per trainable param +
-> 2 bytes per frozen param · QLoRA: ~0.5 bytes per frozen param (4-bit) + 2 bytes per LoRA param"""),
-    code(r"""print(f"{'method':<7}{'role':<20}{'weight':>8}{'grad':>6}{'optim':>7}{'NF4 consts':>12}{'total':>9}")
+# %%
+print(f"{'method':<7}{'role':<20}{'weight':>8}{'grad':>6}{'optim':>7}{'NF4 consts':>12}{'total':>9}")
 for method in memory.METHODS:
     for role, c in memory.bytes_per_parameter(method).items():
         if method == "full" and role != "trainable":
@@ -391,17 +436,21 @@ for method in memory.METHODS:
         print(f"{method:<7}{role:<20}{c.weights:>8g}{c.gradients:>6g}{c.optimizer:>7g}"
               f"{c.quant_constants:>12.4f}{c.total:>9.4f}")
 print(f"\nQLoRA's frozen bytes from the stored arrays of section 3: {stored[True].nbytes / W.size:.4f} "
-      f"(double quant), {stored[False].nbytes / W.size:.4f} (without)")"""),
-    md(r"""The frozen 0.5 holds only for the 4-bit codes (0.516 with their constants). The "2 bytes per
-trainable param" is the adapter's weight alone: while training, a LoRA parameter also has a gradient,
-AdamW's two moments and an fp32 master copy, 16 bytes, the same as in full fine-tuning. It matters
-little because there are so few of them.
+      f"(double quant), {stored[False].nbytes / W.size:.4f} (without)")
 
-Whole models, with the article's adapter (r = 16 on q, k, v, o), 16-bit weights, AdamW; activations
-are not counted. The presets are the published shapes of LLaMA/Llama 2 7B, 13B and 70B (the 70B uses
-grouped-query attention). GB = $10^9$ bytes; GPU cards are sold by GiB, so an "80GB" A100 holds
-85.9 GB."""),
-    code(r"""PRESETS_SHOWN = {"7B": "llama-7b", "13B": "llama-13b", "70B": "llama-70b"}
+# %% [markdown]
+# The frozen 0.5 holds only for the 4-bit codes (0.516 with their constants). The "2 bytes per
+# trainable param" is the adapter's weight alone: while training, a LoRA parameter also has a gradient,
+# AdamW's two moments and an fp32 master copy, 16 bytes, the same as in full fine-tuning. It matters
+# little because there are so few of them.
+#
+# Whole models, with the article's adapter (r = 16 on q, k, v, o), 16-bit weights, AdamW; activations
+# are not counted. The presets are the published shapes of LLaMA/Llama 2 7B, 13B and 70B (the 70B uses
+# grouped-query attention). GB = $10^9$ bytes; GPU cards are sold by GiB, so an "80GB" A100 holds
+# 85.9 GB.
+
+# %%
+PRESETS_SHOWN = {"7B": "llama-7b", "13B": "llama-13b", "70B": "llama-70b"}
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHOD_NAMES = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 mem = {(size, m): memory.memory_breakdown(preset, m, r=16, target_modules=QKVO)
@@ -411,8 +460,10 @@ print(f"{'model':<6}{'parameters':>16}{'method':>7}{'trainable':>15}{'GB':>9}{'A
 for (size, m), mb in mem.items():
     print(f"{size:<6}{mb.total_params:>16,}{METHOD_NAMES[m]:>7}{mb.trainable_params:>15,}{mb.gb():>9.1f}"
           f"{memory.gpus_needed(mb.total, 80):>11}{str(memory.fits_on(mb.total, 24)):>10}"
-          f"{str(memory.fits_on(mb.total, 48)):>10}")"""),
-    code(r"""parts = [("weights", "base weights (16-bit, or NF4 codes)", "tab:gray"),
+          f"{str(memory.fits_on(mb.total, 48)):>10}")
+
+# %%
+parts = [("weights", "base weights (16-bit, or NF4 codes)", "tab:gray"),
          ("quant_constants", "NF4 constants", "tab:purple"), ("adapter", "adapter weights", "tab:green"),
          ("gradients", "gradients", "tab:orange"), ("optimizer", "AdamW state + fp32 master", "tab:red")]
 cards = [(24, "24GB card", "tab:olive"), (48, "48GB card", "tab:cyan"), (80, "A100 80GB", "tab:blue")]
@@ -449,12 +500,27 @@ zoom.set_ylim(0, 160)
 zoom.set_title("LoRA and QLoRA against the cards (GB)")
 zoom.legend(loc="upper center", fontsize=8)
 fig.tight_layout()
-plt.show()"""),
-    md(r"""### The article's "70B × 0.5 bytes (NF4) ≈ 35 GB"
+plt.show()
 
-The article's 70B is Llama 3 70B (`PRESETS["llama3-70b"]`: 70.55B parameters, a 128K vocabulary).
-From the bare "70B × 4 bits" to what QLoRA actually stores, one assumption at a time:"""),
-    code(r"""counts = memory.count_parameters("llama3-70b")
+# %% [markdown]
+# Llama-7B alone, as `minilora.viz.draw_memory_bars` draws it: each bar is one
+# `memory.memory_breakdown` (r = 16 on q, k, v, o, AdamW), split into its parts, against a 24 GiB and
+# an 80 GiB card.
+
+# %%
+from minilora import viz
+
+fig = viz.draw_memory_bars("llama-7b", r=16, target_modules=QKVO)
+plt.show()
+
+# %% [markdown]
+# ### The article's "70B × 0.5 bytes (NF4) ≈ 35 GB"
+#
+# The article's 70B is Llama 3 70B (`PRESETS["llama3-70b"]`: 70.55B parameters, a 128K vocabulary).
+# From the bare "70B × 4 bits" to what QLoRA actually stores, one assumption at a time:
+
+# %%
+counts = memory.count_parameters("llama3-70b")
 n_total, n_linear = counts["total"], counts["linear"]          # every parameter; the decoder's Linear weights
 n_kept = n_total - n_linear                                    # embeddings, lm_head, norms: kept in 16-bit
 bits_dq = quant.nf4_bits_per_parameter(64, double_quant=True)  # 4.126953
@@ -477,22 +543,26 @@ print(f"with the bits measured on section 3's matrix ({stored[True].bits_per_par
       f"{(n_linear * stored[True].bits_per_parameter / 8 + n_kept * 2) / GB:.2f} GB")
 print(f"QLoRA total with the adapter's training state: {mb.gb():.1f} GB = {mb.gib():.1f} GiB "
       f"(article: ~40 GB); one A100 80GB: {memory.fits_on(mb.total, 80)}, one 48GB card: "
-      f"{memory.fits_on(mb.total, 48)}")"""),
-    md(r"""So "≈ 35 GB" is the 4-bit codes of 70 billion weights and nothing else. The stored base is
-**39.5 GB** (42.7 GB without double quantization): keeping the embeddings, norms and `lm_head`
-(2.1B parameters, most of them from Llama 3's 128K vocabulary) in 16-bit adds 3.2 GB, and the absmax
-constants add 1.1 GB even after double quantization. The article's "Total ~40 GB" and "Runs on 1× A100 80GB" still hold (40.6 GB before activations),
-and so does QLoRA's headline, a 65B model on one 48 GB card (`docs/article-check.md`,
-`qlora-65b-48gb`). Its "Needs ~4× A100 80GB" for plain LoRA does not: 142 GB fit on 2.
+      f"{memory.fits_on(mb.total, 48)}")
 
-## 6. A QLoRA fine-tune next to LoRA
+# %% [markdown]
+# So "≈ 35 GB" is the 4-bit codes of 70 billion weights and nothing else. The stored base is
+# **39.5 GB** (42.7 GB without double quantization): keeping the embeddings, norms and `lm_head`
+# (2.1B parameters, most of them from Llama 3's 128K vocabulary) in 16-bit adds 3.2 GB, and the absmax
+# constants add 1.1 GB even after double quantization. The article's "Total ~40 GB" and "Runs on 1× A100 80GB" still hold (40.6 GB before activations),
+# and so does QLoRA's headline, a 65B model on one 48 GB card (`docs/article-check.md`,
+# `qlora-65b-48gb`). Its "Needs ~4× A100 80GB" for plain LoRA does not: 142 GB fit on 2.
+#
+# ## 6. A QLoRA fine-tune next to LoRA
+#
+# Same base model, same adapter (`LoraConfig(r=8, lora_alpha=16)` on q, k, v, o, as in `minilora
+# demo`), same seed, batches, learning rate and steps (notebook 04's recipe). The only difference:
+# `get_peft_model(..., quantize="nf4", double_quant=True)` first stores every Linear but `lm_head` in
+# NF4, and the adapters train in float32 on top of the 4-bit weights, which are dequantized for every
+# matrix product (forward and backward) and never get a gradient.
 
-Same base model, same adapter (`LoraConfig(r=8, lora_alpha=16)` on q, k, v, o, as in `minilora
-demo`), same seed, batches, learning rate and steps (notebook 04's recipe). The only difference:
-`get_peft_model(..., quantize="nf4", double_quant=True)` first stores every Linear but `lm_head` in
-NF4, and the adapters train in float32 on top of the 4-bit weights, which are dequantized for every
-matrix product (forward and backward) and never get a gradient."""),
-    code(r"""train_set, test_set = make_instruction_dataset(2000, N_TEST, seed=SEED)
+# %%
+train_set, test_set = make_instruction_dataset(2000, N_TEST, seed=SEED)
 test_batches = [collate(test_set[i:i + 64], tok, 128) for i in range(0, len(test_set), 64)]
 config = LoraConfig(r=8, lora_alpha=16, target_modules=DEFAULT_TARGETS)
 models = {}
@@ -506,16 +576,21 @@ same_A = all(np.array_equal(a.lora_A["default"].weight.data, b.lora_A["default"]
              for (_, a), (_, b) in zip(models["LoRA"].lora_layers(), models["QLoRA"].lora_layers()))
 print("identical adapter initialisation in both models:", same_A)
 start = {name: evaluate(m, test_batches) for name, m in models.items()}   # B = 0: the base alone
-print("held-out loss before training (the base models):", {k: round(v, 4) for k, v in start.items()})"""),
-    code(r"""hist, wall = {}, {}
+print("held-out loss before training (the base models):", {k: round(v, 4) for k, v in start.items()})
+
+# %%
+hist, wall = {}, {}
 for name, model in models.items():
     t0 = time.perf_counter()
     models[name], hist[name] = lora_finetune(model, config, train_set, tok, steps=STEPS, lr=LR,
                                              batch_size=BATCH, seed=SEED, eval_examples=test_set,
                                              eval_every=max(STEPS // 5, 1), progress=False)
     wall[name] = time.perf_counter() - t0
-    print(f"{name}: {STEPS} steps in {wall[name]:.1f} s ({wall[name] / STEPS * 1e3:.0f} ms per step)")"""),
-    code(r"""def smooth(values, k=15):
+    print(f"{name}: {STEPS} steps in {wall[name]:.1f} s ({wall[name] / STEPS * 1e3:.0f} ms per step)")
+
+
+# %%
+def smooth(values, k=15):
     return np.convolve(values, np.ones(k) / k, mode="valid")   # running mean over k steps
 
 
@@ -538,8 +613,10 @@ right.set_ylabel("held-out loss (nats / answer byte)")
 right.set_title("loss on the held-out instructions")
 right.legend()
 fig.tight_layout()
-plt.show()"""),
-    code(r"""print(f"{'':<7}{'accuracy':>9}{'held-out loss':>15}{'text loss':>11}{'ms/step':>9}{'model size':>12}")
+plt.show()
+
+# %%
+print(f"{'':<7}{'accuracy':>9}{'held-out loss':>15}{'text loss':>11}{'ms/step':>9}{'model size':>12}")
 for name, model in models.items():
     acc, answers = exact_match_accuracy(model, test_set, tok)
     size = quantization_summary(model)["total_bytes"] / 1024
@@ -552,44 +629,37 @@ for (n, a), (_, b) in zip(models["LoRA"].lora_layers(), models["QLoRA"].lora_lay
     da, db = a.get_delta_weight("default").reshape(-1), b.get_delta_weight("default").reshape(-1)
     cos.append(float(da @ db / (np.linalg.norm(da) * np.linalg.norm(db))))
 print(f"\ncosine similarity of the learned ΔW, LoRA vs QLoRA, over {len(cos)} layers: "
-      f"mean {np.mean(cos):.3f}, min {np.min(cos):.3f}")"""),
-    md(r"""## What the numbers say
+      f"mean {np.mean(cos):.3f}, min {np.min(cos):.3f}")
 
-- **The code book** is the standard normal's quantiles, asymmetric (8 positive, 7 negative, an
-  exact zero), built bit for bit with `statistics.NormalDist` and float32 probabilities.
-- **Bits per parameter** is 4.5 for plain blockwise NF4 and **4.127** with double quantization,
-  read off the stored arrays; double quantization costs a negligible 0.03% of RMSE.
-- **NF4 beats FP4 and int4 on normal weights** in mean and RMS error (RMSE 0.092σ against 0.108σ and
-  0.122σ), but not in the worst case (int4's is smaller), and **not on uniform weights**, where int4
-  wins clearly: "optimized for normally-distributed weights" is the condition that matters.
-- **"Near-lossless"** is fair on this model: the NF4 base's loss on held-out pretraining text rises by
-  under 1% (int4's as little, FP4's by twice as much).
-- **Memory**: the article's 35 GB for a 70B base leaves out the quantization constants and the
-  16-bit embeddings; the stored base is 39.5 GB. The total (~40 GB, one 80 GB card) holds.
-  For 7B the stored base drops from 13.5 GB to 3.9 GB and QLoRA trains in about 4 GB before
-  activations, small enough for a consumer card.
-- **The fine-tune** (150 steps, one seed): the two training curves lie on top of each other, both
-  reach about the same exact-match accuracy (40.0% and 38.6%, one answer of 70 apart; notebook
-  04's per-task table shows what such a run learns: the tasks that read the word off the prompt,
-  not yet those that transform it), and QLoRA's held-out loss ends about 4% higher (0.714 against
-  0.685). The gap is not robust: in a run at learning rate $10^{-2}$ (not shown) the two ended
-  level, 0.663 against 0.659. The two adapters learn similar updates (cosine similarity of
-  $\Delta W$ about 0.92), and both forget about as much (pretraining-text loss 3.80 and 3.90,
-  QLoRA's a little lower). So "same quality as 16-bit LoRA" holds here within run-to-run noise, for
-  a model 4.4x smaller in memory.
-- **Time**: a QLoRA step dequantizes every frozen weight twice (forward and backward); here that
-  costs from a few percent to about 20% per step, varying from run to run on a busy machine, because
-  the matrices are tiny next to the activations. The saving is memory, not time. (minilora keeps $A$ and $B$ in float32, as PEFT does by default; the article's
-  "adapters in 16-bit" is the compute type of a typical bitsandbytes setup.)
-- **Not shown here**: the article's third technique, *paged optimizers*, only matters when GPU
-  memory runs short mid-step. `minilora.paged_optim.PagedAdamW` implements a teaching version (m and
-  v in pinned host memory, streamed to the GPU per update); on the CPU it is exactly AdamW."""),
-]
-
-
-def main():
-    write_notebook(CELLS, OUT)
-
-
-if __name__ == "__main__":
-    main()
+# %% [markdown]
+# ## What the numbers say
+#
+# - **The code book** is the standard normal's quantiles, asymmetric (8 positive, 7 negative, an
+#   exact zero), built bit for bit with `statistics.NormalDist` and float32 probabilities.
+# - **Bits per parameter** is 4.5 for plain blockwise NF4 and **4.127** with double quantization,
+#   read off the stored arrays; double quantization costs a negligible 0.03% of RMSE.
+# - **NF4 beats FP4 and int4 on normal weights** in mean and RMS error (RMSE 0.092σ against 0.108σ and
+#   0.122σ), but not in the worst case (int4's is smaller), and **not on uniform weights**, where int4
+#   wins clearly: "optimized for normally-distributed weights" is the condition that matters.
+# - **"Near-lossless"** is fair on this model: the NF4 base's loss on held-out pretraining text rises by
+#   under 1% (int4's as little, FP4's by twice as much).
+# - **Memory**: the article's 35 GB for a 70B base leaves out the quantization constants and the
+#   16-bit embeddings; the stored base is 39.5 GB. The total (~40 GB, one 80 GB card) holds.
+#   For 7B the stored base drops from 13.5 GB to 3.9 GB and QLoRA trains in about 4 GB before
+#   activations, small enough for a consumer card.
+# - **The fine-tune** (150 steps, one seed): the two training curves lie on top of each other, both
+#   reach about the same exact-match accuracy (40.0% and 38.6%, one answer of 70 apart; notebook
+#   04's per-task table shows what such a run learns: the tasks that read the word off the prompt,
+#   not yet those that transform it), and QLoRA's held-out loss ends about 4% higher (0.714 against
+#   0.685). The gap is not robust: in a run at learning rate $10^{-2}$ (not shown) the two ended
+#   level, 0.663 against 0.659. The two adapters learn similar updates (cosine similarity of
+#   $\Delta W$ about 0.92), and both forget about as much (pretraining-text loss 3.80 and 3.90,
+#   QLoRA's a little lower). So "same quality as 16-bit LoRA" holds here within run-to-run noise, for
+#   a model 4.4x smaller in memory.
+# - **Time**: a QLoRA step dequantizes every frozen weight twice (forward and backward); here that
+#   costs from a few percent to about 20% per step, varying from run to run on a busy machine, because
+#   the matrices are tiny next to the activations. The saving is memory, not time. (minilora keeps $A$ and $B$ in float32, as PEFT does by default; the article's
+#   "adapters in 16-bit" is the compute type of a typical bitsandbytes setup.)
+# - **Not shown here**: the article's third technique, *paged optimizers*, only matters when GPU
+#   memory runs short mid-step. `minilora.paged_optim.PagedAdamW` implements a teaching version (m and
+#   v in pinned host memory, streamed to the GPU per update); on the CPU it is exactly AdamW.

@@ -29,3 +29,4 @@ def save_tiny_base(directory):
                                          num_attention_heads=4, max_position_embeddings=128))
     model.save_pretrained(directory)
     return directory
+

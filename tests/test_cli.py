@@ -16,6 +16,7 @@ import pytest
 import minilora
 from minilora import backend, cli
 from minilora.cli import main as cli_main
+from _children import sigint_by_default  # noqa: E402
 from _tiny_llama import save_tiny_base  # noqa: E402
 
 PACKAGE = Path(minilora.__file__).resolve().parent
@@ -196,7 +197,8 @@ def test_ctrl_c_during_pretrain_says_how_to_resume_and_resume_finishes(tmp_path)
     and one line naming ``--resume DIR``; that command then finishes the run."""
     args = ["--steps", "400", "--checkpoint-every", "2", "--out", "base", *TINY]
     child = subprocess.Popen([sys.executable, "-m", "minilora", "pretrain", *args], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=sigint_by_default)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "base-checkpoints").glob("checkpoint-*/trainer_state.json")):
         assert child.poll() is None, child.communicate()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _children import sigint_by_default  # noqa: E402
 from minilora import backend
 from minilora.lora import LoraConfig, get_peft_model
 from minilora.models import LlamaConfig, LlamaForCausalLM
@@ -155,7 +156,8 @@ train(model, slow(), opt, t.STEPS, scheduler=sched, progress=False, data_paralle
 
 def _start_child(ck: Path):
     code = CHILD.format(tests=str(Path(__file__).parent), ck=str(ck))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code], preexec_fn=sigint_by_default,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -127,6 +127,7 @@ def test_reference_mode_with_checkpointing(kind):
     assert_same(plain, ckpt)
 
 
+@pytest.mark.fast_path   # needs the fast path outside the block: MINILORA_REFERENCE=1 forces reference
 def test_backward_recomputes_in_the_mode_forward_ran_in():
     """Forward in reference mode, backward outside it: the recomputation runs the reference path
     again (the fused LoRA op would round differently), so the gradients are those of reference."""

@@ -52,6 +52,7 @@ def _compare(ours, hf, tok, torch):
         got = ours(ids).numpy()
         tol = _tolerance(ours.config if hasattr(ours, "config") else ours.base_model.model.config,
                          want)
+        print(f"{prompt!r}: max |Δlogit| {np.abs(got - want).max():.2e} (bound {tol:.2e})")
         np.testing.assert_allclose(got, want, rtol=0, atol=tol)
         assert got[0, -1].argmax() == want[0, -1].argmax()
 

@@ -12,15 +12,16 @@ greedy generation picks the same tokens both ways.
 What it buys. At one token a step every weight matrix is read once for a matrix-vector product:
 decoding is bound by memory bandwidth, and the reference path spends its time elsewhere:
 
-* BLAS's own threads spin-wait for each other, and on a busy two-core machine a 2-thread gemv
-  collapses. One token's 211 products (538 MB of SmolLM2's weights) read 0.7 GB/s with 2-thread
-  BLAS and 3.0 GB/s with 1-thread BLAS, against 11.2 GB/s with each product's rows split between
-  ``parallel``'s two threads (which block instead of spinning), one-thread BLAS each
+* the products can use BLAS's own threads (the default) or split each product's rows between
+  ``parallel``'s threads with one-thread BLAS each (``n_threads=2``). One token's 211 products
+  (538 MB of SmolLM2's weights) on an idle two-core machine: 2-thread BLAS gemv 27 ms (19.9 GB/s),
+  rows split 50 ms (10.8 GB/s). On a busy machine the order flips, because BLAS's threads spin-wait
+  for a core that another process holds: 0.7 GB/s against 11.2 GB/s at a load average of 17
   (``benchmarks/bench_generate.py --matvec``; docs/benchmarks.md, "Generation");
-* the three products q, k, v are one hand-off to the threads, gate and up (with SwiGLU on each
-  thread's own rows) another, so a layer costs four hand-offs;
-* matrix-vector products (``W @ x``, BLAS's gemv) instead of one-row GEMMs, no autograd Tensors,
-  and BLAS is held to one thread once per step instead of once per op.
+* with the rows split, the three products q, k, v are one hand-off to the threads, gate and up
+  (with SwiGLU on each thread's own rows) another, so a layer costs four hand-offs;
+* matrix-vector products (``W @ x``, BLAS's gemv) instead of one-row GEMMs, and no autograd
+  Tensors or graph bookkeeping per op.
 
 docs/benchmarks.md ("Generation") also gives SmolLM2's tokens/s against transformers and against
 the memory bound. The model's weights are read, not copied (``DecodeArrays`` holds references), so
@@ -28,6 +29,7 @@ the twin costs no memory and always sees the current weights.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -113,16 +115,19 @@ def decode_step(arrays: DecodeArrays, ids, cache, cos, sin, n_threads: int | Non
     """Logits (B, V) for one new token per row, ``ids`` (B,), appending its keys and values to
     ``cache`` (anything with ``update(layer, k, v) -> (k_all, v_all)``, k (B, G, 1, D) in and
     (B, G, Tk, D) out, as ``models.generation.KVCache``). ``cos``, ``sin``: the RoPE tables (D,)
-    of the new position. ``n_threads`` defaults to ``parallel.num_threads()``."""
+    of the new position. ``n_threads=None`` (the default) leaves each product to BLAS's own
+    threads; a number splits each product's rows over that many of ``parallel``'s threads, with
+    one-thread BLAS in each (see the module docstring for when which is faster)."""
     a = arrays
-    n = parallel.num_threads() if n_threads is None else n_threads
+    n = 1 if n_threads is None else n_threads
+    blas_threads = contextlib.nullcontext() if n_threads is None else parallel.blas_single_thread()
     H, G, D = a.num_heads, a.num_kv_heads, a.head_dim
     R = H // G
     scale = 1.0 / math.sqrt(D)
     x = a.embed[ids]                                          # (B, C)
     B = x.shape[0]
     dt = x.dtype
-    with parallel.blas_single_thread():                       # our threads, one-thread BLAS each
+    with blas_threads:
         for i, L in enumerate(a.layers):
             h = _rms_norm(x, L.input_norm, a.eps)             # (B, C)
             q = np.empty((B, H * D), dt)

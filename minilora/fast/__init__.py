@@ -15,8 +15,8 @@ docs/benchmarks.md) and which test checks the two equal.
   (one thread block per row), used by ``fast/functional.py`` on a GPU;
 * ``parallel.py``: the CPU threads the twins split their rows over (not a twin itself);
 * ``optim.py``: AdamW's update in cache-sized pieces, parameters on threads, twin of ``optim.AdamW``.
-* ``decode.py``: one decoding step of a Llama on bare arrays (matrix-vector products with rows on
-  threads), twin of the model's cached forward in ``models/llama.py``, used by ``models.generate``.
+* ``decode.py``: one decoding step of a Llama on bare arrays (matrix-vector products, on BLAS's
+  threads or with rows on ours), twin of the model's cached forward in ``models/llama.py``, used by ``models.generate``.
 
 Twins that need a higher layer's types live beside their reference, clearly named:
 ``lora/fused.py`` (the LoRA layer as one autograd node, twin of ``lora/layer.py``'s module form) and

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuSteal, machine_summary, run_child  # noqa: E402
+from common import CpuSteal, machine_summary, reset_peak_rss, run_child, status_bytes  # noqa: E402
 
 # SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M)
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -72,26 +72,6 @@ def build_step(seq: int, batch: int):
     return model, step
 
 
-def _rss_peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                        # resets VmHWM, the peak RSS, to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024   # reported in kB
-    except OSError:
-        pass
-    return None
-
-
 def _child_memory(args) -> dict:
     import gc
     import tracemalloc
@@ -102,11 +82,11 @@ def _child_memory(args) -> dict:
     gc.collect()
     before = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
-    rss_reset = _rss_peak_reset()
-    rss_before = _status_bytes("VmRSS")
+    rss_reset = reset_peak_rss()
+    rss_before = status_bytes("VmRSS")
     step()
     peak = tracemalloc.get_traced_memory()[1]
-    rss_peak = _status_bytes("VmHWM") if rss_reset else None
+    rss_peak = status_bytes("VmHWM") if rss_reset else None
     return dict(traced=peak - before,
                 rss=None if rss_peak is None or rss_before is None else rss_peak - rss_before,
                 baseline_traced=before)

@@ -43,7 +43,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CpuSteal, limit_threads, machine_summary, run_child  # noqa: E402
+from common import (CpuSteal, limit_threads, machine_summary, reset_peak_rss,  # noqa: E402
+                    run_child, status_bytes)
 
 BATCH, SEQ = 4, 256
 # SmolLM2-135M's shape (the GGUF file's metadata gives the same), for the random-weight fallback
@@ -120,28 +121,6 @@ def torch_step(variant: str, gguf: str | None):
 
 
 # ------------------------------------------------------------------ the child process
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_bytes(key: str):
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _child(args) -> dict:
     limit_threads(args.threads, torch=args.child == "torch")   # a minilora process never loads torch
     import gc
@@ -150,8 +129,8 @@ def _child(args) -> dict:
         args.variant, args.gguf or None)
     load_s = time.perf_counter() - t0
     gc.collect()
-    rss_before = _status_bytes("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = status_bytes("VmRSS")
+    reset = reset_peak_rss()
     times, cpu = [], []
     for i in range(args.warmup + args.steps):
         t, c = time.perf_counter(), time.process_time()
@@ -159,7 +138,7 @@ def _child(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-    peak = _status_bytes("VmHWM") if reset else None
+    peak = status_bytes("VmHWM") if reset else None
     if peak is None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
     return dict(times=times, cpu_times=cpu, trainable=int(trainable), load_s=load_s,

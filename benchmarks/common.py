@@ -154,3 +154,26 @@ def run_child(script: str, args: list, env: dict | None = None):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError((proc.stderr.strip().splitlines() or ["no output"])[-1])
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process to its current RSS, so that a
+    later ``status_bytes("VmHWM")`` is the peak since now; False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def status_bytes(key: str):
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

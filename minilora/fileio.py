@@ -10,8 +10,8 @@ save; replacing them one at a time would leave, after ``kill -9`` between the tw
 save beside weights from another. So the whole folder is swapped instead:
 
 1. every file of the new save is written into a fresh temporary sibling folder
-   ``.NAME.minilora-new.PID.XXXX`` (the PID lets the next save tell a dead writer's leftovers from a
-   live writer's work);
+   ``.NAME.minilora-new.PID.<random suffix>`` (the PID lets the next save tell a dead writer's
+   leftovers from a live writer's work);
 2. entries of the old folder that the save does not own (a tokenizer someone put there, the
    subfolder of another adapter) are carried over as hard links (symbolic links are re-created as
    links, never followed);
@@ -19,9 +19,9 @@ save beside weights from another. So the whole folder is swapped instead:
 4. the new folder takes the name in one step: ``rename`` when the name is free, else Linux's
    ``renameat2(RENAME_EXCHANGE)``, which swaps the two names atomically (the old tree now carries the
    temporary name and is deleted). Where the exchange is unavailable (not Linux, a file system
-   without it) the old folder is renamed aside (``.NAME.minilora-old.PID.XXXX``) and the new one
-   renamed in; a crash between the two renames leaves no folder under the name, and the next save or
-   load renames the aside folder back (``recover``);
+   without it) the old folder is renamed aside (``.NAME.minilora-old.PID.<random suffix>``) and
+   the new one renamed in; a crash between the two renames leaves no folder under the name, and
+   the next save or load renames the aside folder back (``recover``);
 5. the parent folder is fsync'ed, so the rename itself survives a power cut on file systems that
    honour fsync.
 

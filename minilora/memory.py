@@ -46,8 +46,8 @@ OPTIMIZER_STATE_BYTES = {
 METHODS = ("full", "lora", "qlora")
 
 
-def _config(config) -> LlamaConfig:
-    """A LlamaConfig, or a preset name such as "llama-7b"."""
+def as_config(config) -> LlamaConfig:
+    """``config`` as a LlamaConfig: a LlamaConfig itself, or a preset's name such as "llama-7b"."""
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a LlamaConfig")
@@ -70,7 +70,7 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     Every layer of a Llama has the same shapes. With grouped-query attention (num_key_value_heads <
     num_attention_heads) k_proj and v_proj are narrower: out = num_key_value_heads * head_dim.
     """
-    c = _config(config)
+    c = as_config(config)
     d, kv = c.hidden_size, c.num_key_value_heads * c.head_dim
     return {
         "q_proj": (d, d),
@@ -105,7 +105,7 @@ def count_parameters(config) -> dict:
     and "total"), "layers" (all decoder layers), "norm", "lm_head" (0 when tied to the embedding),
     "linear" (all decoder Linear weights: what QLoRA stores in NF4) and "total".
     """
-    c = _config(config)
+    c = as_config(config)
     shapes = linear_shapes(c)
     layer = {name: linear_weight_parameters(out, inn) for name, (out, inn) in shapes.items()}
     layer["self_attn"] = sum(layer[n] for n in ATTENTION_MODULES)
@@ -153,7 +153,7 @@ def _resolve_layers(layers, n_layers: int) -> tuple[int, ...]:
 def lora_parameter_breakdown(config, r: int, target_modules=("q_proj", "v_proj"), layers=None) -> dict:
     """LoRA parameters by module and layer: {"per_module": {name: r·(in+out)}, "per_layer",
     "layers" (indices adapted), "total"}."""
-    c = _config(config)
+    c = as_config(config)
     names = resolve_target_modules(target_modules)
     idx = _resolve_layers(layers, c.num_hidden_layers)
     shapes = linear_shapes(c)

@@ -24,7 +24,7 @@ import numpy as np
 from minilora import backend, memory, quant
 from minilora.autograd import TensorBase
 from minilora.lora import merge
-from minilora.models import BASE_MODEL_DIR, PRESETS, LlamaConfig, read_config
+from minilora.models import BASE_MODEL_DIR, read_config
 from minilora.quant import codebooks
 
 FROZEN_COLOR = "#c9d3de"      # frozen weights: grey-blue
@@ -354,19 +354,6 @@ def draw_nf4_bins(weights=None, blocksize: int = 64):
 
 
 # ---------------------------------------------------------------- 4. the decoder block
-def _as_config(config) -> LlamaConfig:
-    """``config`` as a LlamaConfig: None is the shipped base model's, a string a preset's name."""
-    if config is None:
-        return read_config(BASE_MODEL_DIR)
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; use one of {sorted(PRESETS)} or a LlamaConfig")
-        return PRESETS[config]
-    if not isinstance(config, LlamaConfig):
-        raise ValueError(f"config must be a LlamaConfig, a preset name or None, got {type(config).__name__}")
-    return config
-
-
 def block_module_names() -> dict[str, str]:
     """{short name: dotted name inside a decoder layer} of its seven Linear layers
     (``"q_proj": "self_attn.q_proj"``), as ``models.llama.LlamaDecoderLayer`` names them."""
@@ -386,7 +373,7 @@ def draw_decoder_block(target_modules=("q_proj", "v_proj"), config=None, r: int 
     labels add the adapter's parameters per module from ``memory.lora_parameter_breakdown``.
     """
     targets = memory.resolve_target_modules(target_modules)        # one-line ValueError if unknown
-    cfg = _as_config(config)
+    cfg = read_config(BASE_MODEL_DIR) if config is None else memory.as_config(config)
     shapes = memory.linear_shapes(cfg)                             # {name: (out, in)}
     extra = memory.lora_parameter_breakdown(cfg, r, targets)["per_module"] if r is not None else {}
     dotted = block_module_names()

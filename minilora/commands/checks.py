@@ -89,6 +89,21 @@ def refuse_diverged_overwrite(history, out, force: bool) -> None:
                          "or pass --force to overwrite it anyway")
 
 
-__all__ = ["int_at_least", "positive_int", "nonnegative_int", "float_in", "positive_float",
+def add_resume_arguments(parser: argparse.ArgumentParser, checkpoint_every: int,
+                         checkpoints: str) -> None:
+    """``--checkpoint-every``, ``--resume`` and ``--force``, as every training command takes them;
+    ``checkpoints`` names where the checkpoints go, for the help text."""
+    parser.add_argument("--checkpoint-every", type=positive_int, default=checkpoint_every,
+                        help=f"steps between resumable checkpoints, in {checkpoints} (one is also "
+                        "saved on Ctrl-C)")
+    parser.add_argument("--resume", metavar="DIR", default=None,
+                        help=f"continue the run saved in DIR (a checkpoint folder or {checkpoints}: "
+                        "its newest), with the same other arguments "
+                        "(--steps too: the schedule depends on it)")
+    parser.add_argument("--force", action="store_true",
+                        help="save over an existing --out even when training diverged")
+
+
+__all__ = ["add_resume_arguments", "int_at_least", "positive_int", "nonnegative_int", "float_in", "positive_float",
            "nonnegative_float", "fraction", "inside_package", "check_output_folder",
            "holds_files", "refuse_diverged_overwrite"]

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from .checks import (check_output_folder, float_in, nonnegative_int, positive_float, positive_int,
+from .checks import (add_resume_arguments, check_output_folder, float_in, nonnegative_int, positive_float, positive_int,
                      refuse_diverged_overwrite)
 from ..data.chat_sft import CHAT_TASKS
 
@@ -110,21 +110,17 @@ def generate_chat_answers(model, records, tokenizer, max_new_tokens: int = 64,
     end-of-turn token (``<|im_end|>`` for SmolLM2) and decoded without it.
 
     ``generate`` runs a batch of prompts of equal length, so prompts are grouped by length, each
-    group decoded in batches of ``batch_size``. BLAS is held to one thread meanwhile: a decoding
-    step's products have a handful of rows, too small for minilora's row threads, and BLAS's own
-    threads busy-wait; on a 2-core machine with another busy process, a (1, 576) x (576, 1536)
-    product took 20 ms with them and 0.4 ms with one.
+    group decoded in batches of ``batch_size``; how a decoding step uses the CPU's threads is the
+    decode step's choice (``fast/decode.py``).
     """
     from ..data.chat_sft import end_of_turn_id, prompt_messages
-    from ..fast.parallel import blas_single_thread
     if not records:
         return []
     stop = end_of_turn_id(tokenizer)
     stop = tokenizer.eos_token_id if stop is None else stop
     prompts = [tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True)
                for r in records]
-    with blas_single_thread():
-        replies = _greedy_replies(model, prompts, stop, max_new_tokens, batch_size)
+    replies = _greedy_replies(model, prompts, stop, max_new_tokens, batch_size)
     return [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
 
 
@@ -301,15 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=100,
-                        help="steps between resumable checkpoints, in OUT-checkpoints (one is also "
-                        "saved on Ctrl-C)")
-    parser.add_argument("--resume", metavar="DIR", default=None,
-                        help="continue the run saved in DIR (a checkpoint folder or OUT-checkpoints: "
-                        "its newest), with the same other arguments "
-                        "(--steps too: the schedule depends on it)")
-    parser.add_argument("--force", action="store_true",
-                        help="save over an existing --out even when training diverged")
+    add_resume_arguments(parser, checkpoint_every=100, checkpoints="OUT-checkpoints")
 
 
 def _checkpointing(args) -> dict:

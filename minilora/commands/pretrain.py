@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from .checks import (check_output_folder, fraction, int_at_least, nonnegative_float,
+from .checks import (add_resume_arguments, check_output_folder, fraction, int_at_least, nonnegative_float,
                      nonnegative_int, positive_float, positive_int, refuse_diverged_overwrite)
 
 DEFAULT_OUT = "minilora-base"
@@ -91,14 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "1 is faster on a machine busy with other work")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="folder for resumable checkpoints (default: OUT-checkpoints)")
-    parser.add_argument("--checkpoint-every", type=positive_int, default=500,
-                        help="steps between resumable checkpoints (one is also saved on Ctrl-C)")
-    parser.add_argument("--resume", metavar="DIR", default=None,
-                        help="continue the run saved in DIR (a checkpoint folder or the checkpoint "
-                        "dir: its newest), with the same other arguments "
-                        "(--steps too: the schedule depends on it)")
-    parser.add_argument("--force", action="store_true",
-                        help="save over an existing --out even when training diverged")
+    add_resume_arguments(parser, checkpoint_every=500, checkpoints="the --checkpoint-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

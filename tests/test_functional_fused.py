@@ -267,18 +267,21 @@ def test_query_blocks_follow_the_setting(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 0 / 0: a mean over no position
 def test_cross_entropy_mean_over_nothing_is_nan_on_both_paths():
-    """As PyTorch: the loss is NaN (0 / 0); the reference's gradient is 0, as PyTorch's (the fast
-    twin and its CUDA kernel give NaN there: tests/test_cuda_kernels.py)."""
+    """As PyTorch: the loss is NaN (0 / 0) but no logit affected it, so the gradient is 0, on the
+    reference, the fast twin and the fused head + loss alike."""
     z = rand(2, 3, 4)
     t = np.full((2, 3), -100)
     for reference in (False, True):
         zt = Tensor(z.copy(), requires_grad=True)
+        x, w = Tensor(rand(2, 3, 5), requires_grad=True), Tensor(rand(4, 5), requires_grad=True)
         with minilora.reference(reference):
             loss = F.cross_entropy(zt, t)
             loss.backward()
-        assert np.isnan(loss.item())
-        if reference:
-            assert (zt.grad == 0).all()
+            head_loss = F.linear_cross_entropy(x, w, t)
+            head_loss.backward()
+        assert np.isnan(loss.item()) and np.isnan(head_loss.item())
+        assert (zt.grad == 0).all(), f"reference={reference}: {zt.grad}"
+        assert (x.grad == 0).all() and (w.grad == 0).all(), f"reference={reference}"
 
 
 # ---------------------------------------------------------------- the references, gradchecked

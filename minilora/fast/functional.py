@@ -145,13 +145,16 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100,
     zmax = z.max(axis=1, keepdims=True)
     lse = xpmod.log(xpmod.exp(z - zmax).sum(axis=1, keepdims=True)) + zmax  # (N, 1) logsumexp
     nll = (lse[:, 0] - z[rows, safe_t]) * valid                # (N,)
-    out = Tensor._result(nll.sum() / denom, (logits,), "cross_entropy")
+    with np.errstate(invalid="ignore", divide="ignore"):    # NumPy's 0/0 warning, as torch: NaN
+        out = Tensor._result(nll.sum() / denom, (logits,), "cross_entropy")
 
     def _backward():
         if logits.requires_grad:
             p = xpmod.exp(z - lse)                             # (N, C) softmax
             p[rows, safe_t] -= 1.0                             # minus the one-hot target
-            p *= (valid * (out.grad / denom)).astype(z.dtype)[:, None]
+            # with no target at all the loss is NaN but no logit affected it: gradient 0, as
+            # PyTorch and the reference give (denom is >= 1 whenever a row is valid)
+            p *= (valid * (out.grad / xpmod.maximum(denom, 1))).astype(z.dtype)[:, None]
             logits._accum(p.reshape(logits.shape), fresh=True)
     out._set_backward(_backward)
     return out
@@ -350,7 +353,8 @@ def _cross_entropy_cuda(logits: Tensor, z, t, ignore_index: int, denom) -> Tenso
 
     def _backward():
         if logits.requires_grad:
-            scale = out.grad / denom            # a 0-d device array: the host never waits for it
+            # a 0-d device array: the host never waits for it; max(denom, 1): no target, gradient 0
+            scale = out.grad / backend.get_xp(z).maximum(denom, 1)
             dz = cuda_kernels.cross_entropy_backward_cuda(z, t, ignore_index, lse, scale)
             logits._accum(dz.reshape(logits.shape), fresh=True)
     out._set_backward(_backward)

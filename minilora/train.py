@@ -371,7 +371,8 @@ def train(model, batches, optimizer: Optimizer, steps: int, eval_fn: Callable | 
             if eval_fn is not None and (step % eval_every == 0 or step == steps):
                 run_eval(record)
             if checkpoint_dir is not None and checkpoint_every and step % checkpoint_every == 0:
-                save(step, done_rng)
+                with _interrupts_deferred():   # Ctrl-C waits for the folder's swap and clean-up
+                    save(step, done_rng)
             if bar is not None:
                 post = {"loss": f"{loss_value:.3f}", "tok/s": f"{n_tokens / dt:,.0f}"}
                 last_eval = next((h["eval_loss"] for h in reversed(history) if "eval_loss" in h), None)

@@ -61,9 +61,10 @@ def _model_kwargs(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------ building one variant
-def build_minilora_model(cfg: dict, kind: str):
-    """The seeded minilora model of a config: kind "full" (everything trained), "lora", or "floor"
-    (only the first layer's input norm trained: no weight gradients at all)."""
+def build_minilora_model(cfg: dict, kind: str, **lora_kw):
+    """The seeded minilora model of a config: kind "full" (everything trained), "lora" (``LORA``
+    with ``lora_kw`` added, e.g. use_dora=True), or "floor" (only the first layer's input norm
+    trained: no weight gradients at all)."""
     from minilora import backend
     from minilora.lora import LoraConfig, get_peft_model
     from minilora.models import LlamaConfig, LlamaForCausalLM
@@ -72,21 +73,21 @@ def build_minilora_model(cfg: dict, kind: str):
     backend.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**_model_kwargs(cfg)))
     if kind == "lora":
-        model = get_peft_model(model, LoraConfig(**LORA))
+        model = get_peft_model(model, LoraConfig(**LORA, **lora_kw))
     elif kind == "floor":
         model.requires_grad_(False)
         model.model.layers[0].input_layernorm.weight.requires_grad = True
     return model
 
 
-def _minilora_step_fn(cfg: dict, kind: str):
-    """(step function, trainable count, total count) for ``build_minilora_model(cfg, kind)``."""
+def _minilora_step_fn(cfg: dict, kind: str, **lora_kw):
+    """(step function, trainable count, total count) for ``build_minilora_model(cfg, kind, **lora_kw)``."""
     import numpy as np
 
     from minilora.data_parallel import forward_backward
     from minilora.optim import AdamW
 
-    model = build_minilora_model(cfg, kind)
+    model = build_minilora_model(cfg, kind, **lora_kw)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = AdamW(params, lr=1e-4)
     ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], size=(cfg["batch"], cfg["seq"]))
@@ -98,7 +99,7 @@ def _minilora_step_fn(cfg: dict, kind: str):
     return step, sum(p.size for p in params), sum(p.size for p in model.parameters())
 
 
-def _torch_step_fn(cfg: dict, lora: bool):
+def _torch_step_fn(cfg: dict, lora: bool, **lora_kw):
     import torch
     import transformers
 
@@ -107,7 +108,7 @@ def _torch_step_fn(cfg: dict, lora: bool):
     model.config.use_cache = False
     if lora:
         import peft
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA, **lora_kw))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

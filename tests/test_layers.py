@@ -33,7 +33,7 @@ LAYERS = [
     ("nn", ["nn/", "optim.py", "data/"]),
     ("models", ["models/"]),
     ("lora", ["lora/", "quant/", "paged_optim.py"]),
-    ("train", ["train.py", "resume.py", "data_parallel.py", "memory.py"]),
+    ("train", ["train.py", "resume.py", "data_parallel.py", "memory.py", "dpo.py"]),
     ("teaching", ["teaching/", "viz.py"]),
     ("commands", ["commands/"]),
     ("cli", ["cli.py", "__main__.py", "__init__.py"]),

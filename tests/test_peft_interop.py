@@ -78,15 +78,23 @@ def test_bases_agree(base_dir):
 ])
 def test_minilora_adapter_loads_in_peft(base_dir, tmp_path, kw):
     model = get_peft_model(mini_base(base_dir), MiniLoraConfig(init_lora_weights=False, **kw))
+    assert_loads_in_peft(model, base_dir, tmp_path)
+
+
+def assert_loads_in_peft(model, base_dir, tmp_path, effect=1e-2):
+    """``model`` (a minilora PeftModel) saved and loaded in PEFT gives the same logits, unmerged and
+    merged on both sides, which differ from the base's by more than ``effect``, and PEFT counts the
+    same trainable parameters."""
     want = mini_logits(model)
     model.save_pretrained(tmp_path)
     hf = peft.PeftModel.from_pretrained(hf_base(base_dir), str(tmp_path)).eval()
     got = hf_logits(hf)
     assert_close(got, want)
-    assert np.abs(got - hf_logits(hf_base(base_dir))).max() > 1e-2  # the adapter does something
+    assert np.abs(got - hf_logits(hf_base(base_dir))).max() > effect  # the adapter does something
     hf.merge_adapter()
     model.merge_adapter()
     assert_close(hf_logits(hf), mini_logits(model))
+    assert_close(mini_logits(model), want)
     # same trainable-parameter count as PEFT reports
     hf_train = peft.PeftModel.from_pretrained(hf_base(base_dir), str(tmp_path), is_trainable=True)
     mini_train = MiniPeftModel.from_pretrained(mini_base(base_dir), tmp_path, is_trainable=True)

@@ -34,7 +34,7 @@ def wrapped(config=None, **kw):
 def test_config_validation_errors():
     for bad, pattern in [(dict(r=0), "r must be a positive"), (dict(r=2.5), "r must be"),
                          (dict(bias="some"), "bias="), (dict(lora_dropout=1.0), "lora_dropout"),
-                         (dict(init_lora_weights="pissa"), "init_lora_weights"),
+                         (dict(init_lora_weights="corda"), "init_lora_weights"),
                          (dict(target_modules=[]), "non-empty"), (dict(target_modules="("), "regex"),
                          (dict(target_modules="q_proj", layers_to_transform=0), "layers_to_transform"),
                          (dict(layers_to_transform=[-1]), "layers_to_transform"),
@@ -61,8 +61,8 @@ def test_config_dict_round_trip_has_peft_keys_and_types():
 
 def test_config_from_dict_refuses_unsupported_and_unknown():
     d = LoraConfig().to_dict()
-    with pytest.raises(ValueError, match="use_dora"):
-        LoraConfig.from_dict({**d, "use_dora": True})
+    with pytest.raises(ValueError, match="lora_bias"):
+        LoraConfig.from_dict({**d, "lora_bias": True})
     with pytest.raises(ValueError, match="peft_type 'PREFIX_TUNING'"):
         LoraConfig.from_dict({**d, "peft_type": "PREFIX_TUNING"})
     with pytest.raises(ValueError, match="does not know"):

@@ -356,10 +356,11 @@ def test_lora_on_a_4bit_base_equals_lora_on_its_dequantized_float_weight(fused, 
             np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
 
 
-@pytest.mark.interop
-def test_lora_on_a_4bit_base_equals_peft_on_bitsandbytes_linear4bit():
-    """PEFT's LoRA around bitsandbytes' Linear4bit (CPU, nf4, no double quantization, so the stored
-    bytes are identical) vs ours, with the same A and B: outputs and gradients of A, B and x."""
+def peft_on_bitsandbytes_linear4bit(**lora_kw):
+    """(W, PEFT model, its q_proj layer): PEFT's adapter (r=4, α=8, random B; ``lora_kw`` added)
+    around bitsandbytes' Linear4bit (128 -> 64, CPU, nf4, blocksize 64, no double quantization, so
+    its stored bytes are NF4Linear's) holding W = 0.1·N(0, 1) (torch seed 0): outputs O(1), so
+    float32 GEMM rounding bounds the comparisons. Skips when torch, bitsandbytes or peft is absent."""
     torch = pytest.importorskip("torch")
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
@@ -374,14 +375,36 @@ def test_lora_on_a_4bit_base_equals_peft_on_bitsandbytes_linear4bit():
             return self.q_proj(x)
 
     torch.manual_seed(0)
-    W = 0.1 * torch.randn(64, 128)          # outputs O(1), so ATOL is float32 GEMM rounding
+    W = 0.1 * torch.randn(64, 128)
     holder = Holder()
     holder.q_proj.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False,
                                              compress_statistics=False, quant_type="nf4",
                                              blocksize=64)
     ref = peft.get_peft_model(holder.to("cpu"), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
-    ref_layer = ref.base_model.model.q_proj
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, **lora_kw))
+    return W, ref, ref.base_model.model.q_proj
+
+
+def run_both(ref, ours):
+    """One x (2, 3, 128) and upstream gradient g (torch's generator) through PEFT's model and our
+    layer, forward and backward: (x, g, y, xt, yt), the torch tensors then ours."""
+    import torch
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    g = torch.randn(2, 3, 64)
+    y = ref(x)
+    y.backward(g)
+    xt = Tensor(x.detach().numpy(), requires_grad=True)
+    yt = ours(xt)
+    yt.backward(g.numpy())
+    return x, g, y, xt, yt
+
+
+@pytest.mark.interop
+def test_lora_on_a_4bit_base_equals_peft_on_bitsandbytes_linear4bit():
+    """PEFT's LoRA around bitsandbytes' Linear4bit (CPU, nf4, no double quantization, so the stored
+    bytes are identical) vs ours, with the same A and B: outputs and gradients of A, B and x."""
+    torch = pytest.importorskip("torch")
+    W, ref, ref_layer = peft_on_bitsandbytes_linear4bit()
     ours = LoraLinear(NF4Linear.from_weight(W.numpy(), blocksize=64, double_quant=False), "q_proj")
     ours.update_layer("default", r=4, lora_alpha=8)
     ours.set_adapter("default")
@@ -391,13 +414,7 @@ def test_lora_on_a_4bit_base_equals_peft_on_bitsandbytes_linear4bit():
         mine.requires_grad_(True)
     np.testing.assert_array_equal(ours.base_layer.qweight.packed,
                                   ref_layer.base_layer.weight.data.numpy().reshape(-1))
-    x = torch.randn(2, 3, 128, requires_grad=True)
-    g = torch.randn(2, 3, 64)
-    y = ref(x)
-    y.backward(g)
-    xt = Tensor(x.detach().numpy(), requires_grad=True)
-    yt = ours(xt)
-    yt.backward(g.numpy())
+    x, g, y, xt, yt = run_both(ref, ours)
     np.testing.assert_allclose(yt.numpy(), y.detach().numpy(), rtol=0, atol=ATOL)
     np.testing.assert_allclose(xt.grad, x.grad.numpy(), rtol=0, atol=ATOL)
     np.testing.assert_allclose(ours.lora_A["default"].weight.grad,

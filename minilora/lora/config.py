@@ -12,7 +12,8 @@ The fields, their meanings and the JSON written to ``adapter_config.json`` follo
 * ``init_lora_weights``: True = A ~ U(-1/√in, 1/√in) (kaiming-uniform, PEFT's default) and B = 0, so
   the adapted model starts out computing exactly what the base model computes; "gaussian" = A ~
   N(0, (1/r)²) (PEFT's std = 1/r) and B = 0; False = A and B both random (a nonzero update from the
-  start: for tests and demonstrations only).
+  start: for tests and demonstrations only); "pissa", "pissa_niter_K", "olora" and "loftq" (with
+  ``loftq_config``) start the adapter from W0 and change the base weight (``lora/init.py``).
 
 The user's regular expressions (a ``target_modules`` string, the keys of ``rank_pattern`` and
 ``alpha_pattern``, ``layers_pattern``) run with a time bound (``REGEX_TIMEOUT_S``, the ``regex``
@@ -26,9 +27,12 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import regex
+
+from .init import INIT_FROM_BASE, check_loftq_config, parse_init
 
 
 class AdapterError(ValueError):
@@ -71,16 +75,16 @@ def _check_regex(kind: str, pattern) -> None:
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj"]
 
 VALID_BIAS = ("none", "all", "lora_only")
-VALID_INIT = (True, False, "gaussian")
+VALID_INIT = (True, False, "gaussian") + INIT_FROM_BASE   # the last four: lora/init.py
 
 # Keys PEFT 0.21 writes in adapter_config.json that minilora has no feature for: they are written with
 # PEFT's "off" value, and a file that turns one on is refused (silently ignoring it would load a
 # different adapter from the one that was trained).
 _UNSUPPORTED_OFF = {
-    "fan_in_fan_out": False, "use_dora": False, "lora_bias": False, "use_qalora": False,
+    "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False,
     "layer_replication": None, "exclude_modules": None, "target_parameters": None,
     "trainable_token_indices": None, "megatron_config": None, "eva_config": None,
-    "corda_config": None, "loftq_config": {}, "alora_invocation_tokens": None, "arrow_config": None,
+    "corda_config": None, "alora_invocation_tokens": None, "arrow_config": None,
     "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
     "velora_config": None,
 }
@@ -101,7 +105,8 @@ class LoraConfig:
     "layers"). ``modules_to_save`` lists whole modules (e.g. "lm_head") trained fully and saved with
     the adapter. ``bias``: "none" trains no bias, "all" every bias, "lora_only" the biases of the
     adapted layers. ``rank_pattern`` / ``alpha_pattern`` override r / α for modules whose name ends
-    with a key (PEFT's per-module ranks).
+    with a key (PEFT's per-module ranks). ``use_dora``: DoRA (Liu et al. 2024), a trained magnitude
+    per output row on top of the LoRA direction (``lora/dora.py``).
     """
 
     r: int = 8
@@ -121,6 +126,10 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     peft_type: str = "LORA"
+    # DoRA (Liu et al. 2024): also learn a magnitude per output row, W' = m·(W0 + ΔW)/‖W0 + ΔW‖
+    use_dora: bool = False
+    # LoftQ (init_lora_weights="loftq"): {"loftq_bits": 4, "loftq_iter": N}, PEFT's LoftQConfig
+    loftq_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -131,16 +140,24 @@ class LoraConfig:
                              f"lora_alpha / r), got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "inference_mode"):
+        for name in ("use_rslora", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, name), bool):   # JSON "false" is a truthy string
                 raise ValueError(f"LoraConfig: {name} is {getattr(self, name)!r}; expected true or "
                                  "false (a boolean, not a string)")
         if self.bias not in VALID_BIAS:
             raise ValueError(f"LoraConfig: bias={self.bias!r} is not one of {VALID_BIAS}")
         if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
+                or self.init_lora_weights == "gaussian" or parse_init(self.init_lora_weights)):
             raise ValueError(f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not "
-                             "supported; use True (kaiming-uniform A, zero B), 'gaussian' or False")
+                             "supported; use True (kaiming-uniform A, zero B), 'gaussian', False, "
+                             "'pissa', 'pissa_niter_K' (K a positive int), 'olora' or 'loftq'")
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if self.init_lora_weights == "loftq":
+            self.loftq_config = check_loftq_config(self.loftq_config)
+        elif self.loftq_config:   # PEFT's rule: the config only means something for "loftq"
+            warnings.warn("LoraConfig: loftq_config is ignored unless init_lora_weights='loftq'")
+            self.loftq_config = {}
         if self.peft_type != "LORA":
             raise ValueError(f"LoraConfig: peft_type={self.peft_type!r}; minilora only has LoRA "
                              "adapters (peft_type 'LORA')")

@@ -7,7 +7,10 @@ its own and loaded onto any copy of the same base. The layout is Hugging Face PE
 * tensor keys are the in-memory parameter names with the adapter name removed:
   ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` is stored as
   ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; a module in
-  ``modules_to_save`` as ``base_model.model.lm_head.weight``;
+  ``modules_to_save`` as ``base_model.model.lm_head.weight``; a DoRA adapter's magnitude
+  ``...q_proj.lora_magnitude_vector.default`` as ``...q_proj.lora_magnitude_vector`` (PEFT's key);
+  an (IA)³ vector ``...k_proj.ia3_l.default`` as ``...k_proj.ia3_l`` (``adapter_config.json``'s
+  ``peft_type`` says which kind a folder holds: "LORA" or "IA3", ``lora/ia3.py``);
 * the "default" adapter goes in the directory itself, any other in a subfolder named after it;
 * a save replaces the whole folder at once (``fileio.atomic_folder``: every adapter's files are
   written into a temporary sibling folder that then takes the name), so after a crash or ``kill -9``
@@ -34,8 +37,10 @@ from ..fileio import (atomic_folder, read_consistently, recover, save_safetensor
                       write_text_atomic)
 from ..models.hf_io import CheckpointError, load_safetensors
 from .config import AdapterError, LoraConfig
+from .ia3 import (IA3Config, IA3Linear, adapter_config_class, ia3_vector_shape, is_feedforward,
+                  plan_adapter)
+from .init import to_plain_lora
 from .layer import LoraLinear, ModulesToSaveWrapper
-from .targets import plan_injection
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,13 +77,17 @@ def _adapter_param_names(peft_model, adapter_name: str) -> dict:
         if isinstance(mod, LoraLinear) and adapter_name in mod.lora_A:
             out[f"{full}.lora_A.weight"] = mod.lora_A[adapter_name].weight   # (r, in)
             out[f"{full}.lora_B.weight"] = mod.lora_B[adapter_name].weight   # (out, r)
+            if adapter_name in mod.lora_magnitude_vector:   # DoRA's m: PEFT's key has no ".weight"
+                out[f"{full}.lora_magnitude_vector"] = mod.lora_magnitude_vector[adapter_name]  # (out,)
             bias = getattr(mod.base_layer, "bias", None)
             if config.bias == "lora_only" and bias is not None:
                 out[f"{full}.base_layer.bias"] = bias
+        elif isinstance(mod, IA3Linear) and adapter_name in mod.ia3_l:   # (IA)³: no ".weight" either
+            out[f"{full}.ia3_l"] = mod.ia3_l[adapter_name]               # (out, 1) or (1, in)
         elif isinstance(mod, ModulesToSaveWrapper) and adapter_name in mod.modules_to_save:
             for pname, p in mod.modules_to_save[adapter_name].named_parameters():
                 out[f"{full}.{pname}"] = p
-    if config.bias == "all":
+    if getattr(config, "bias", "none") == "all":    # an IA3Config has no bias field
         for pname, p in peft_model.named_parameters():
             if pname.endswith(".bias") and ".lora_" not in pname and ".modules_to_save." not in pname \
                     and ".original_module." not in pname:
@@ -93,8 +102,11 @@ def get_peft_model_state_dict(peft_model, adapter_name: str = "default") -> dict
 
 
 # ------------------------------------------------------------------ saving
-def save_adapters(peft_model, save_directory, selected_adapters=None) -> None:
-    """Write each adapter's config and weights (PeftModel.save_pretrained)."""
+def save_adapters(peft_model, save_directory, selected_adapters=None,
+                  path_initial_model_for_weight_conversion=None) -> None:
+    """Write each adapter's config and weights (PeftModel.save_pretrained); with
+    ``path_initial_model_for_weight_conversion``, the one adapter saved is first turned from
+    PiSSA/OLoRA on its residual base into plain LoRA on W0 (``init.to_plain_lora``)."""
     if not peft_model.peft_config:
         raise ValueError("this PeftModel has no adapters left (merge_and_unload/unload was called); "
                          "save the returned model with its own save_pretrained instead")
@@ -103,6 +115,12 @@ def save_adapters(peft_model, save_directory, selected_adapters=None) -> None:
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path")
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(f"path_initial_model_for_weight_conversion holds one adapter's start but "
+                             f"{names} would be saved; pass selected_adapters=[name]")
+        initial = read_adapter_dir(path_initial_model_for_weight_conversion)[1]
     # the default adapter's files, and the subfolder of each adapter saved now, are replaced
     owned = ((CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin") if "default" in names else ()) + \
         tuple(glob.escape(n) for n in names if n != "default")
@@ -111,15 +129,18 @@ def save_adapters(peft_model, save_directory, selected_adapters=None) -> None:
             target = tmp if name == "default" else tmp / name
             os.makedirs(target, exist_ok=True)
             config = dataclasses.replace(peft_model.peft_config[name], inference_mode=True)
-            write_safetensors(os.path.join(target, WEIGHTS_NAME),
-                              get_peft_model_state_dict(peft_model, name))
+            state = get_peft_model_state_dict(peft_model, name)
+            if initial is not None:
+                config, state = to_plain_lora(config, state, initial,
+                                              where=os.fspath(path_initial_model_for_weight_conversion))
+            write_safetensors(os.path.join(target, WEIGHTS_NAME), state)
             write_text_atomic(os.path.join(target, CONFIG_NAME), config.to_json_string())
 
 
 # ------------------------------------------------------------------ loading
 def read_adapter_dir(directory, allow_nonfinite: bool = False) -> tuple[LoraConfig, dict]:
-    """(LoraConfig, {file key: array}) from an adapter directory, both from one save, with
-    one-line errors naming the file."""
+    """(LoraConfig or IA3Config, by peft_type; {file key: array}) from an adapter directory, both
+    from one save, with one-line errors naming the file."""
     directory = os.fspath(directory)
     recover(directory)   # a save interrupted between its two renames (fileio.atomic_folder)
     if not os.path.isdir(directory):
@@ -133,7 +154,7 @@ def _read_adapter_dir(directory: str, allow_nonfinite: bool) -> tuple[LoraConfig
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}; is it a folder written by "
                                 "save_pretrained? (a non-default adapter lives in a subfolder named "
                                 "after it)")
-    config = LoraConfig.from_json_file(cfg_path)
+    config = adapter_config_class(cfg_path).from_json_file(cfg_path)   # by peft_type: LoRA or (IA)³
     w_path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(w_path):
         if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
@@ -155,10 +176,16 @@ def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, direc
     expected = {}
     for name in lora_names:
         layer = model.get_submodule(name)
+        if isinstance(config, IA3Config):   # one (IA)³ vector per module, its shape from the layer
+            shape = ia3_vector_shape(layer, is_feedforward(config, name))
+            expected[f"{PREFIX}{name}.ia3_l"] = ("saved", name, shape, None)
+            continue
         base = layer.base_layer if isinstance(layer, LoraLinear) else layer
         r = config.rank_for(name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = ("A", name, r, base)
         expected[f"{PREFIX}{name}.lora_B.weight"] = ("B", name, r, base)
+        if config.use_dora:   # DoRA's magnitude: one number per output row
+            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = ("saved", name, (base.out_features,), None)
     for name in saved_names:
         mod = model.get_submodule(name)
         mod = mod.original_module if isinstance(mod, ModulesToSaveWrapper) else mod
@@ -167,12 +194,16 @@ def _check_against_model(peft_or_model, config: LoraConfig, tensors: dict, direc
     where = os.path.join(directory, WEIGHTS_NAME)
     for key, array in tensors.items():
         if key not in expected:
-            if config.bias != "none" and key.endswith(".bias"):
+            if getattr(config, "bias", "none") != "none" and key.endswith(".bias"):
                 continue  # biases are checked by name when they are copied in
+            if key.endswith(".lora_magnitude_vector") and not getattr(config, "use_dora", False):
+                raise AdapterError(f"{where} has a DoRA magnitude {key!r} but {CONFIG_NAME} says "
+                                   "use_dora is false; the config and weights do not belong together")
             if not key.startswith(PREFIX):
                 raise AdapterError(f"{where}: key {key!r} does not start with {PREFIX!r}; it is not a "
                                    "PEFT adapter file")
-            mod_name = key[len(PREFIX):].rsplit(".", 2)[0] if ".lora_" in key else key[len(PREFIX):]
+            mod_name = key[len(PREFIX):].rsplit(".", 2)[0] if ".lora_" in key else \
+                key[len(PREFIX):].removesuffix(".ia3_l")
             raise AdapterError(f"{where} has a weight {key!r} that adapter_config.json's target_modules "
                                f"do not produce for this model (module {mod_name!r} is not targeted or "
                                "does not exist); was the adapter trained on a different base model?")
@@ -224,7 +255,8 @@ def _plan(plan, config: LoraConfig, directory: str):
     adapter's config file."""
     try:
         resolved, lora_names, saved = plan(config)
-        for name in lora_names:      # the rank/alpha patterns run here too, under the same check
+        for name in lora_names if isinstance(resolved, LoraConfig) else ():   # (IA)³ has no rank
+            # the rank/alpha patterns run here too, under the same check
             resolved.rank_for(name), resolved.alpha_for(name)
         return resolved, lora_names, saved
     except AdapterError:
@@ -252,10 +284,10 @@ def from_pretrained(cls, model, directory, adapter_name: str = "default", is_tra
     directory = os.fspath(directory)
     config, tensors = read_adapter_dir(directory)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
-        raise ValueError("the model already contains LoRA layers; call load_adapter on its PeftModel "
-                         "instead of PeftModel.from_pretrained")
-    resolved, lora_names, saved = _plan(lambda c: plan_injection(model, c), config, directory)
+    if any(isinstance(m, (LoraLinear, IA3Linear, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("the model already contains LoRA or (IA)³ layers; call load_adapter on its "
+                         "PeftModel instead of PeftModel.from_pretrained")
+    resolved, lora_names, saved = _plan(lambda c: plan_adapter(model, c), config, directory)
     _check_against_model(model, resolved, tensors, directory, lora_names, saved)
     peft_model = cls(model, config, adapter_name)
     _copy_in(peft_model, adapter_name, tensors, directory)

@@ -18,6 +18,9 @@ functions, so the formula exists in exactly one place. ``scaling`` is computed o
 as it is, so the layer's forward, its fused twin (``lora/fused.py``) and its merge all use one scale. Low-precision inputs (float16, bfloat16) are
 upcast to float32 for the delta, as PEFT does, and a float16 weight gets the delta added in float32
 and is rounded once.
+
+DoRA's merge, W' = (m / ‖W0 + ΔW‖)·(W0 + ΔW) row by row, builds on ``merge_weight_scaled`` here and
+lives with the rest of DoRA in ``lora/dora.py`` (``merged_weight``, ``unmerged_weight``, ``dora_trace``).
 """
 from __future__ import annotations
 

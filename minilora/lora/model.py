@@ -26,11 +26,13 @@ import re
 from contextlib import contextmanager
 
 from ..nn import Module
+from ..tensor import Tensor
 from . import io as adapter_io
+from . import mixed
 from .combine import add_weighted_adapter as _add_weighted_adapter
 from .config import LoraConfig
+from .ia3 import IA3Config, IA3Linear, IA3Model, plan_adapter
 from .layer import LoraLinear, ModulesToSaveWrapper
-from .targets import plan_injection
 
 
 def _check_adapter_name(name) -> str:
@@ -57,6 +59,8 @@ class PeftModel(Module):
 
     Attributes: ``base_model`` (a LoraModel; ``base_model.model`` is the wrapped model, whose Linear
     layers are now LoraLinear), ``peft_config`` ({adapter name: LoraConfig}), ``active_adapter``.
+    Given an ``IA3Config`` instead, ``base_model`` is an ``IA3Model`` and the targeted layers are
+    ``IA3Linear`` ((IA)³'s learned scaling vectors, ``lora/ia3.py``); the methods are the same.
     Calling it (``model(input_ids, labels=...)``) and ``generate`` pass through to the wrapped model;
     other attributes (``config``, ...) are looked up there too.
     """
@@ -65,24 +69,55 @@ class PeftModel(Module):
         super().__init__()
         if isinstance(model, PeftModel):
             raise ValueError("the model is already a PeftModel; use add_adapter() to add another adapter")
-        if any(isinstance(m, (LoraLinear, ModulesToSaveWrapper)) for m in model.modules()):
-            raise ValueError("the model already contains LoRA layers; wrap the original model once, "
-                             "then add_adapter() for more adapters (or unload() first)")
-        if not isinstance(peft_config, LoraConfig):
-            raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
-        self.base_model = LoraModel(model)
+        if any(isinstance(m, (LoraLinear, IA3Linear, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError("the model already contains LoRA or (IA)³ layers; wrap the original model "
+                             "once, then add_adapter() for more adapters (or unload() first)")
+        if not isinstance(peft_config, (LoraConfig, IA3Config)):
+            raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
+                             f"{type(peft_config).__name__}")
+        # the tuner, as in PEFT: LoraModel, or IA3Model for (IA)³ vectors (lora/ia3.py)
+        self.base_model = IA3Model(model) if isinstance(peft_config, IA3Config) else LoraModel(model)
         self.peft_config: dict = {}
         self.active_adapters: list = [_check_adapter_name(adapter_name)]
         self._inject(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ pass-through
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args, adapter_names=None, **kwargs):
+        """The wrapped model's forward with the active adapter(s); ``adapter_names`` (one name or
+        "__base__" per batch row, inference only) runs row i with adapter ``adapter_names[i]``
+        alone instead (``lora/mixed.py``)."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        ids = args[0] if args else kwargs.get("input_ids")
+        with self._rows_use_adapters(ids, adapter_names, self.training):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """The wrapped model's ``generate``; its Linear layers run with the active adapter(s)."""
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """The wrapped model's ``generate``; its Linear layers run with the active adapter(s), or,
+        given ``adapter_names`` (one per prompt row), row i with adapter ``adapter_names[i]`` at
+        every step, the prompt's and each cached one's (``lora/mixed.py``)."""
+        if adapter_names is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        ids = args[0] if args else kwargs.get("input_ids")
+        # generation runs the model in eval mode whatever its mode now (models/generation.py), so
+        # the training-mode refusal, which guards dropout and training forwards, does not apply
+        with self._rows_use_adapters(ids, adapter_names, training=False):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    def _rows_use_adapters(self, input_ids, adapter_names, training: bool):
+        """Check a mixed-batch request (``mixed.check_request``) and return the context in which
+        every LoRA layer and ``modules_to_save`` wrapper runs row i with ``adapter_names[i]``."""
+        ids = input_ids.data if isinstance(input_ids, Tensor) else input_ids
+        shape = getattr(ids, "shape", None)
+        if shape is None or len(shape) not in (1, 2):
+            raise ValueError(f"adapter_names needs input_ids of shape (batch, seq) or (seq,), got "
+                             f"{type(input_ids).__name__} {shape}; pass the token ids first")
+        lora = [m for _, m in self.lora_layers()]
+        wrappers = [m for _, m in self._saved_module_wrappers()]
+        names = mixed.check_request(adapter_names, 1 if len(shape) == 1 else shape[0], training,
+                                    lora, wrappers)
+        return mixed.rows_use_adapters(lora + wrappers, names)
 
     def __getattr__(self, name):
         # only reached when normal lookup fails. As in PEFT, ask the LoraModel first (so that
@@ -108,14 +143,21 @@ class PeftModel(Module):
         """(dotted name in the wrapped model, LoraLinear) for every LoRA layer."""
         return [(n, m) for n, m in self.base_model.model.named_modules() if isinstance(m, LoraLinear)]
 
+    def adapter_layers(self):
+        """(dotted name, layer) for every adapter layer: the LoraLinear layers, or the IA3Linear
+        layers of an (IA)³ model; what switching, merging and unloading walk over."""
+        return [(n, m) for n, m in self.base_model.model.named_modules()
+                if isinstance(m, (LoraLinear, IA3Linear))]
+
     def _saved_module_wrappers(self):
         return [(n, m) for n, m in self.base_model.model.named_modules()
                 if isinstance(m, ModulesToSaveWrapper)]
 
     def plan_injection(self, config: LoraConfig):
         """What ``config`` would adapt in this model, without changing anything (see module-level
-        ``plan_injection``)."""
-        return plan_injection(self.base_model.model, config)
+        ``plan_injection``; ``ia3.plan_ia3`` for an IA3Config). A config of the other kind than the
+        adapters already here is refused: LoRA and (IA)³ never share a model, as in PEFT."""
+        return plan_adapter(self.base_model.model, config, self.base_model)
 
     def _inject(self, adapter_name: str, config: LoraConfig) -> None:
         """Wrap (or extend) every targeted Linear with adapter ``adapter_name``; record its config."""
@@ -125,7 +167,9 @@ class PeftModel(Module):
                              "delete_adapter() it first")
         config, lora_names, saved = self.plan_injection(config)
         model = self.base_model.model
-        for name in lora_names:
+        if isinstance(config, IA3Config):   # one vector per layer instead of A and B (lora/ia3.py)
+            self.base_model.inject(adapter_name, config, lora_names, self.active_adapters)
+        for name in lora_names if isinstance(config, LoraConfig) else ():
             layer = model.get_submodule(name)
             if not isinstance(layer, LoraLinear):
                 layer = LoraLinear(layer, module_name=name)
@@ -133,7 +177,8 @@ class PeftModel(Module):
             layer.update_layer(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                                lora_dropout=config.lora_dropout,
                                init_lora_weights=config.init_lora_weights,
-                               use_rslora=config.use_rslora)
+                               use_rslora=config.use_rslora, use_dora=config.use_dora,
+                               loftq_config=config.loftq_config)
             layer.set_adapter(self.active_adapters)
         for name in saved:
             wrapper = model.get_submodule(name)
@@ -158,16 +203,20 @@ class PeftModel(Module):
             config = self.peft_config.get(adapter)
             if config is None or config.inference_mode:
                 continue
+            if isinstance(config, IA3Config):   # (IA)³ trains its vectors ia3_l
+                self.base_model.mark_trainable(adapter)
             for _, layer in self.lora_layers():
                 if adapter in layer.lora_A:
                     layer.lora_A[adapter].requires_grad_(True)
                     layer.lora_B[adapter].requires_grad_(True)
+                    if adapter in layer.lora_magnitude_vector:   # DoRA's m trains with A and B
+                        layer.lora_magnitude_vector[adapter].requires_grad = True
                     if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                         layer.base_layer.bias.requires_grad = True
             for _, wrapper in self._saved_module_wrappers():
                 if adapter in wrapper.modules_to_save:
                     wrapper.modules_to_save[adapter].requires_grad_(True)
-            if config.bias == "all":
+            if getattr(config, "bias", "none") == "all":    # an IA3Config has no bias field
                 for n, p in model.named_parameters():
                     if n.endswith(".bias") or n == "bias":
                         p.requires_grad = True
@@ -205,12 +254,12 @@ class PeftModel(Module):
         warning): otherwise the merged adapter would keep answering under the new name.
         """
         names = self._check_exists(adapter_name)
-        merged = sorted({a for _, layer in self.lora_layers() for a in layer.merged_adapters})
+        merged = sorted({a for _, layer in self.adapter_layers() for a in layer.merged_adapters})
         if merged and merged != sorted(names):
             warnings.warn(f"adapters {merged} are merged; unmerging them before switching to {names}")
             self.unmerge_adapter()
         self.active_adapters = names
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.set_adapter(names)
         for _, wrapper in self._saved_module_wrappers():
             wrapper.set_adapter(names)
@@ -219,21 +268,22 @@ class PeftModel(Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a second (third, ...) adapter with its own config; it is created inactive and frozen
         (``set_adapter`` switches to it)."""
-        if not isinstance(peft_config, LoraConfig):
-            raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+        if not isinstance(peft_config, (LoraConfig, IA3Config)):
+            raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
+                             f"{type(peft_config).__name__}")
         self._inject(adapter_name, peft_config)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its weights. Refused while it is merged, or if it is the only one."""
         self._check_exists(adapter_name)
-        merged_in = [n for n, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        merged_in = [n for n, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
         if merged_in:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weights ({merged_in[0]}"
                              f"{' ...' if len(merged_in) > 1 else ''}); call unmerge_adapter() first")
         if len(self.peft_config) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base "
                              "model back instead")
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self._saved_module_wrappers():
             wrapper.delete_adapter(adapter_name)
@@ -249,7 +299,7 @@ class PeftModel(Module):
         unmerged afterwards, as in PEFT.
         """
         self.unmerge_adapter()
-        layers = [m for _, m in self.lora_layers()] + [m for _, m in self._saved_module_wrappers()]
+        layers = [m for _, m in self.adapter_layers()] + [m for _, m in self._saved_module_wrappers()]
         for m in layers:
             m.disable_adapters = True
         try:
@@ -262,25 +312,25 @@ class PeftModel(Module):
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         """Fold ΔW = (α/r)·B·A of the active adapters (or those named) into the base weights."""
         names = self.active_adapters if adapter_names is None else self._check_exists(adapter_names)
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged ΔW again: the base weights are W0 (up to float rounding)."""
-        for _, layer in self.lora_layers():
+        for _, layer in self.adapter_layers():
             layer.unmerge()
 
     def _replace_wrappers(self, merge: bool, safe_merge: bool = False, adapter_names=None,
                           requantize: bool = False) -> Module:
         model = self.base_model.model
         if merge and not requantize:
-            for _, layer in self.lora_layers():
+            for _, layer in self.adapter_layers():
                 layer.dequantize_base()      # a 4-bit base becomes float: W = dequant(W0) + ΔW
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         else:
             self.unmerge_adapter()
-        for name, layer in self.lora_layers():
+        for name, layer in self.adapter_layers():
             model.set_submodule(name, layer.base_layer)
         for name, wrapper in self._saved_module_wrappers():
             model.set_submodule(name, wrapper.active_module() if merge else wrapper.original_module)
@@ -311,14 +361,23 @@ class PeftModel(Module):
                              combination_type: str = "svd", svd_rank: int | None = None) -> None:
         """Combine adapters into a new one; see ``lora.combine.add_weighted_adapter`` (which are
         exact: "cat"; approximate: "svd" truncates, "linear" adds cross terms)."""
+        if isinstance(self.base_model, IA3Model):
+            raise ValueError("add_weighted_adapter combines LoRA adapters and this model holds (IA)³ "
+                             "ones; combine LoRA adapters, or train one (IA)³ adapter on the mix")
         _add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # ------------------------------------------------------------------ files
-    def save_pretrained(self, save_directory, selected_adapters=None) -> None:
+    def save_pretrained(self, save_directory, selected_adapters=None,
+                        path_initial_model_for_weight_conversion=None) -> None:
         """Write PEFT's files: adapter_config.json + adapter_model.safetensors for "default" in
         ``save_directory``, and each other adapter in a subfolder named after it; the folder is
-        replaced as a whole (old or new after a crash, never a mix: ``fileio.atomic_folder``)."""
-        adapter_io.save_adapters(self, save_directory, selected_adapters)
+        replaced as a whole (old or new after a crash, never a mix: ``fileio.atomic_folder``).
+
+        ``path_initial_model_for_weight_conversion``: the folder where a PiSSA/OLoRA adapter was
+        saved right after its initialisation; the adapter is then written as a plain LoRA of rank 2r
+        on the ORIGINAL base weights (``lora.init.to_plain_lora``), as PEFT does."""
+        adapter_io.save_adapters(self, save_directory, selected_adapters,
+                                 path_initial_model_for_weight_conversion)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved in directory ``model_id`` under ``adapter_name`` (inactive; call
@@ -356,14 +415,15 @@ def get_peft_model(model: Module, peft_config: LoraConfig, adapter_name: str = "
     precision), then injects the adapters, whose factors A and B train in float32 on top of the
     4-bit bases. ``quantize=None`` (default) is plain LoRA.
     """
-    if not isinstance(peft_config, LoraConfig):
-        raise ValueError(f"peft_config must be a LoraConfig, got {type(peft_config).__name__}")
+    if not isinstance(peft_config, (LoraConfig, IA3Config)):
+        raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
+                         f"{type(peft_config).__name__}")
     if quantize is not None:
         if quantize not in QUANTIZE_TYPES:
             raise ValueError(f"quantize={quantize!r} is not a 4-bit type; use one of {QUANTIZE_TYPES} "
                              "(QLoRA uses 'nf4') or None for plain LoRA")
         from ..quant import quantize_model
-        plan_injection(model, peft_config)   # a config that matches nothing fails before any change
+        plan_adapter(model, peft_config)   # a config that matches nothing fails before any change
         keep = ("lm_head",) + tuple(peft_config.modules_to_save or ())
         quantize_model(model, blocksize=quant_blocksize, double_quant=double_quant,
                        skip_modules=keep, quant_type=quantize)

@@ -267,9 +267,15 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------ generation and files
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, seed: int | None = None, use_cache: bool = True):
+                 eos_token_id=None, seed: int | None = None, use_cache: bool = True,
+                 adapter_names=None):
         """Greedy (default) or sampled continuation with a KV cache; see ``generation.generate``.
-        ``eos_token_id`` is an id or a list of ids. Returns a host int64 array (B, T + new tokens)."""
+        ``eos_token_id`` is an id or a list of ids. Returns a host int64 array (B, T + new tokens).
+        ``adapter_names`` (one adapter per row) is PEFT's argument: only a model with adapters, a
+        ``PeftModel``, takes it; here it must stay None."""
+        if adapter_names is not None:
+            raise ValueError("adapter_names needs a model with LoRA adapters: wrap this model with "
+                             "get_peft_model() or PeftModel.from_pretrained() and call its generate()")
         return _generate(self, input_ids, max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token_id=eos_token_id, seed=seed, use_cache=use_cache,

@@ -27,7 +27,7 @@
 # 2. **one block quantized by hand**: absmax, normalise, nearest code, two indices per byte;
 # 3. **bits per parameter**: 4.5, and 4.127 with **double quantization**, read off the stored arrays;
 # 4. the **quantization error** of NF4 against FP4 and int4, and where each one is good;
-# 5. **memory** for Llama 7B, 13B and 70B (full fine-tuning, LoRA, QLoRA), and the article's "35 GB";
+# 5. **memory** for LLaMA 7B and 13B and Llama 3 70B (full fine-tuning, LoRA, QLoRA), and the article's "35 GB";
 # 6. a **QLoRA fine-tune** of the shipped base model next to plain LoRA: same seed, same batches.
 #
 # Every quantizer here matches bitsandbytes 0.50.2 byte for byte (`tests/test_nf4.py` checks it).
@@ -273,10 +273,9 @@ for bs in (32, 64, 128, 256):
 # > 4-bit NormalFloat (NF4) — A quantization scheme optimized for normally-distributed weights,
 # > achieving near-lossless compression at 4 bits per parameter. — *What is LoRA?*
 #
-# The same N(0, 1) matrix through each code book, blocksize 64, with `quant.quantization_error`. For
-# reference, bitsandbytes on a different random 4096×4096 N(0, 1) matrix measures NF4 0.07281 /
-# 0.6041 / 0.09199 (mean abs / max abs / RMSE), NF4 with double quantization 0.07288 / 0.5986 /
-# 0.09201, FP4 0.09656 / 0.7226 / 0.12195.
+# The same N(0, 1) matrix through each code book, blocksize 64, with `quant.quantization_error`.
+# bitsandbytes would give the same errors on this matrix: its NF4 and FP4 bytes are the ones
+# minilora stores (`tests/test_nf4.py`).
 
 # %%
 q4 = {name: f(W) for name, f in QUANTIZERS.items()}             # blocksize 64, no double quant
@@ -341,18 +340,33 @@ fig.tight_layout()
 plt.show()
 print("entropy of the 4-bit indices:", {k: round(v, 3) for k, v in entropy.items()})
 
+# %%
+from IPython.display import Markdown
+
+p_max = 0.5 * ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16)))       # QLoRA's outer probability (section 1)
+fp4_levels = np.unique(np.abs(FP4[FP4 != 0]))                  # FP4's 7 magnitudes, ascending
+assert errors["NF4"]["rmse"] < min(errors["FP4"]["rmse"], errors["int4"]["rmse"])
+assert max(entropy, key=entropy.get) == "NF4" and errors["int4"]["max_abs_error"] < errors["NF4"]["max_abs_error"]
+assert errors["FP4"]["rmse"] == max(e["rmse"] for e in errors.values())
+Markdown(f"""
+- **NF4 has the lowest mean and RMS error** on normal weights, with its codes used most evenly, which
+  is what it was designed for. Used evenly is not used equally: its indices carry
+  {entropy['NF4']:.3f} bits of entropy, not 4 (FP4's {entropy['FP4']:.3f}, int4's {entropy['int4']:.3f}).
+  The bins are not equiprobable because a block is scaled by its own absmax (on average
+  ${offset:.1f}\\sigma$ for 64 normal values, the offset printed in section 3), not by the
+  ${NormalDist().inv_cdf(p_max):.3f}\\sigma$ of the code book's outermost quantile, so the values crowd
+  towards the middle codes and the outer codes are used less. "Optimal" for NF4 is the quantile
+  construction's promise for values spread like the normal's quantiles, not a measured 4 bits.
+- **int4 has the smallest worst case** ({errors['int4']['max_abs_error']:.3f} against NF4's
+  {errors['NF4']['max_abs_error']:.3f}). Its even spacing leaves no wide gap, while NF4's and FP4's
+  widest gaps are near $\\pm 1$: a weight just below the block's largest lands far from any code.
+  Those weights are rare, so the RMSE still favours NF4.
+- **FP4 is worst on both counts here**: it spends codes on tiny values ($\\pm {fp4_levels[0]:.6f}$,
+  that is $\\pm 0.0625/12$) and leaves a gap of {fp4_levels[-1] - fp4_levels[-2]:.3f} of the absmax
+  between its two largest codes, {fp4_levels[-2]:.4f} and {fp4_levels[-1]:.0f}.
+""")
+
 # %% [markdown]
-# - **NF4 has the lowest mean and RMS error** on normal weights, with its codes used most evenly
-#   (entropy closest to 4 bits), which is what it was designed for. The bins are not exactly
-#   equiprobable: a block is scaled by its own absmax (on average $2.6\sigma$ for 64 normal values,
-#   the offset printed in section 3, not the $1.848\sigma$ of the code book's outermost quantile),
-#   so the values crowd towards the middle codes and the outer codes are used less.
-# - **int4 has the smallest worst case.** Its even spacing leaves no wide gap, while NF4's and FP4's
-#   widest gaps are near $\pm 1$: a weight just below the block's largest lands far from any code.
-#   Those weights are rare, so the RMSE still favours NF4.
-# - **FP4 is worst on both counts here**: it spends codes on tiny values ($\pm 0.0625/12$) and leaves a
-#   gap of a third of the absmax between $8/12$ and $12/12$.
-#
 # "Optimized for normally-distributed weights" is a real condition, not a slogan. The same comparison
 # on **uniform** weights, and on the **shipped base model's** own Linear weights (one matrix at a time,
 # as QLoRA stores them), error relative to each matrix's standard deviation:
@@ -378,17 +392,25 @@ def excess_kurtosis(x):
 
 samples = {"N(0, 1)": [W[:1024]], "uniform(-1, 1)": [rng.uniform(-1, 1, (1024, 4096)).astype(np.float32)],
            "base model Linear weights": linear_weights}
+kurt = {label: excess_kurtosis(np.concatenate([m.reshape(-1) for m in mats])) for label, mats in samples.items()}
+rel_rmse = {label: {name: relative_rmse(f, mats) for name, f in QUANTIZERS.items()} for label, mats in samples.items()}
 print(f"{'weights':<27}{'excess kurtosis':>16}" + "".join(f"{name:>8}" for name in QUANTIZERS))
-for label, mats in samples.items():
-    kurt = excess_kurtosis(np.concatenate([m.reshape(-1) for m in mats]))
-    print(f"{label:<27}{kurt:>16.2f}" + "".join(f"{relative_rmse(f, mats):>8.4f}" for f in QUANTIZERS.values()))
+for label in samples:
+    print(f"{label:<27}{kurt[label]:>16.2f}" + "".join(f"{v:>8.4f}" for v in rel_rmse[label].values()))
+
+# %%
+real = "base model Linear weights"
+assert min(rel_rmse["uniform(-1, 1)"], key=rel_rmse["uniform(-1, 1)"].get) == "int4"
+assert min(rel_rmse[real], key=rel_rmse[real].get) == "NF4"
+Markdown(f"""
+On uniform weights int4 wins clearly: evenly spaced codes are optimal for evenly spread values,
+and NF4 wastes resolution near zero. The base model's weights are close enough to normal (excess
+kurtosis {kurt[real]:.2f}, against {kurt['N(0, 1)']:.2f} for the normal sample and
+{kurt['uniform(-1, 1)']:.2f} for the uniform one: {'slightly heavier' if kurt[real] > 0 else 'lighter'}
+tails) that NF4 keeps its advantage, as it does for real LLMs.
+""")
 
 # %% [markdown]
-# On uniform weights int4 wins clearly: evenly spaced codes are optimal for evenly spread values,
-# and NF4 wastes resolution near zero. The base model's weights are close enough to normal (excess
-# kurtosis 0.65, against 0 for a normal and -1.2 for the uniform: slightly heavier tails) that NF4
-# keeps its advantage, as it does for real LLMs.
-#
 # "Near-lossless" is a claim about the *model*, not the matrix. Quantize every Linear of the shipped
 # base model (all but `lm_head`, as bitsandbytes does) and score it on held-out pretraining text:
 
@@ -396,7 +418,7 @@ for label, mats in samples.items():
 tok = ByteTokenizer()
 _, pretrain_val = pretraining_data(tok)                        # held-out stdlib docstrings
 text_batches = [random_batches(pretrain_val, 16, 128, np.random.default_rng(SEED + i))
-                for i in range(2 if FAST else 4)]              # fixed (16, 128) windows
+                for i in range(2 if FAST else 6)]              # fixed (16, 128) windows, notebook 04's
 bases = {"float32": base}
 for name, qt in (("NF4", "nf4"), ("FP4", "fp4"), ("int4", "int4")):
     bases[name] = quant.quantize_model(load_base_model(), quant_type=qt)   # double_quant=True by default
@@ -410,15 +432,33 @@ for name, m in bases.items():
 print()
 print(format_quantization_summary(quantization_summary(bases["NF4"])))
 
+# %%
+summary = quantization_summary(bases["NF4"])
+loss_rise = {name: text_loss[name] / text_loss["float32"] - 1 for name in QUANTIZERS}
+sizes = sorted({p.data.size for n, p in base.named_parameters()
+                if p.data.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n})   # weights per matrix
+n_abs = sizes[-1] // 64                                         # absmax values of the largest matrix
+n_float = summary["float_parameters"]                            # embeddings, norms, lm_head
+n_all = summary["quantized_parameters"] + n_float
+Markdown(f"""
+All three 4-bit bases lose little ({min(loss_rise.values()):.1%} to {max(loss_rise.values()):.1%} of the
+loss): NF4 loses {text_loss['NF4'] - text_loss['float32']:.4f} and int4
+{text_loss['int4'] - text_loss['float32']:.4f} (although int4's weight error above is
+{errors['int4']['rmse'] / errors['NF4']['rmse'] - 1:.0%} larger), and FP4
+{text_loss['FP4'] - text_loss['float32']:.4f}. Two details in the summary: the measured
+{summary['bits_per_parameter']:.4f} bits per parameter is a little above
+{quant.nf4_bits_per_parameter(64, double_quant=True):.3f} because each of these small matrices
+({' or '.join(f'{n:,}' for n in sizes)} weights) pays its own offset and nested absmax (the
+{sizes[-1]:,}-weight ones fill only {n_abs} of their {-(-n_abs // 256) * 256} nested slots); and the
+whole model shrinks {summary['ratio']:.1f}x, not the
+{32 / quant.nf4_bits_per_parameter(64, double_quant=True):.2f}x of a single matrix, because the
+embeddings, norms and `lm_head` ({n_float:,} of its {n_all:,} parameters,
+{n_float / n_all:.0%}) stay in float32. In Llama-7B they are
+{1 - memory.count_parameters('llama-7b')['linear'] / memory.count_parameters('llama-7b')['total']:.0%}
+of the parameters.
+""")
+
 # %% [markdown]
-# All three 4-bit bases lose little (0.8% to 1.8% of the loss): NF4 and int4 tie (Δ loss 0.0116
-# and 0.0114, although int4's weight error above is 18% larger), and FP4 loses twice as much. Two
-# details in the summary: the measured 4.1282 bits per parameter is a little above 4.127 because
-# each of these small matrices (16,384 or 44,032 weights) pays its own offset and nested absmax (the
-# 44,032-weight ones fill only 688 of their 768 nested slots); and the whole model shrinks 5.1x, not
-# the 7.75x of a single matrix, because the embeddings, norms and `lm_head` (67,456 of its 857,984
-# parameters, 8%) stay in float32. In Llama-7B they are 4% of the parameters.
-#
 # ## 5. Memory for 7B, 13B and 70B: full, LoRA, QLoRA
 #
 # What one parameter costs while training (`memory.bytes_per_parameter`), against the article's
@@ -445,12 +485,13 @@ print(f"\nQLoRA's frozen bytes from the stored arrays of section 3: {stored[True
 # little because there are so few of them.
 #
 # Whole models, with the article's adapter (r = 16 on q, k, v, o), 16-bit weights, AdamW; activations
-# are not counted. The presets are the published shapes of LLaMA/Llama 2 7B, 13B and 70B (the 70B uses
-# grouped-query attention). GB = $10^9$ bytes; GPU cards are sold by GiB, so an "80GB" A100 holds
+# are not counted. The presets are the published shapes of LLaMA 7B and 13B and of Llama 3 70B, the
+# article's 70B (`PRESETS["llama3-70b"]`: grouped-query attention and a 128K vocabulary). GB = $10^9$ bytes; GPU cards are sold by GiB, so an "80GB" A100 holds
 # 85.9 GB.
 
 # %%
-PRESETS_SHOWN = {"7B": "llama-7b", "13B": "llama-13b", "70B": "llama-70b"}
+PRESETS_SHOWN = {"7B": "llama-7b", "13B": "llama-13b", "70B": "llama3-70b"}   # the article's 70B is Llama 3's
+MODEL_NAMES = {"7B": "LLaMA 7B", "13B": "LLaMA 13B", "70B": "Llama 3 70B"}
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHOD_NAMES = {"full": "full", "lora": "LoRA", "qlora": "QLoRA"}
 mem = {(size, m): memory.memory_breakdown(preset, m, r=16, target_modules=QKVO)
@@ -480,7 +521,7 @@ for ax, size in zip(axes, PRESETS_SHOWN):
         ax.text(i, bottom[i], f"{mb.gb():.1f} GB\n{n} × A100-80", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(runs)), [METHOD_NAMES[m] for m in memory.METHODS])
     ax.set_ylim(0, bottom.max() * 1.25)
-    ax.set_title(f"Llama {size} ({runs[0].total_params / 1e9:.1f}B parameters)")
+    ax.set_title(f"{MODEL_NAMES[size]} ({runs[0].total_params / 1e9:.2f}B parameters)")
 axes[0].set_ylabel("training memory, GB (activations not included)")
 axes[0].legend(fontsize=7, loc="upper right")
 
@@ -495,7 +536,7 @@ for gib, label, color in cards:
     gb = gib * memory.GiB / memory.GB                          # cards are sold by GiB
     zoom.axhline(gb, color=color, ls=":", lw=1.2)
     zoom.text(-0.45, gb, f"{label} = {gb:.1f} GB", color=color, va="bottom", fontsize=8)
-zoom.set_xticks(x, [f"Llama {s}" for s in PRESETS_SHOWN])
+zoom.set_xticks(x, [MODEL_NAMES[s] for s in PRESETS_SHOWN])
 zoom.set_ylim(0, 160)
 zoom.set_title("LoRA and QLoRA against the cards (GB)")
 zoom.legend(loc="upper center", fontsize=8)
@@ -545,14 +586,22 @@ print(f"QLoRA total with the adapter's training state: {mb.gb():.1f} GB = {mb.gi
       f"(article: ~40 GB); one A100 80GB: {memory.fits_on(mb.total, 80)}, one 48GB card: "
       f"{memory.fits_on(mb.total, 48)}")
 
+# %%
+lora_70b = memory.memory_breakdown("llama3-70b", "lora", r=16, target_modules=QKVO)
+base_dq, base_plain = ladder[3][1], ladder[4][1]
+Markdown(f"""
+So "≈ 35 GB" is the 4-bit codes of 70 billion weights and nothing else. The stored base is
+**{base_dq / GB:.1f} GB** ({base_plain / GB:.1f} GB without double quantization): keeping the embeddings,
+norms and `lm_head` ({n_kept / 1e9:.1f}B parameters, most of them from Llama 3's
+{memory.as_config('llama3-70b').vocab_size:,}-token vocabulary) in 16-bit adds
+{(ladder[2][1] - ladder[1][1]) / GB:.1f} GB, and the absmax constants add {(base_dq - ladder[2][1]) / GB:.1f} GB
+even after double quantization. The article's "Total ~40 GB" and "Runs on 1× A100 80GB" still hold
+({mb.gb():.1f} GB before activations), and so does QLoRA's headline, a 65B model on one 48 GB card
+(`docs/article-check.md`, `qlora-65b-48gb`). Its "Needs ~4× A100 80GB" for plain LoRA does not:
+{lora_70b.gb():.0f} GB fit on {memory.gpus_needed(lora_70b.total, 80)}.
+""")
+
 # %% [markdown]
-# So "≈ 35 GB" is the 4-bit codes of 70 billion weights and nothing else. The stored base is
-# **39.5 GB** (42.7 GB without double quantization): keeping the embeddings, norms and `lm_head`
-# (2.1B parameters, most of them from Llama 3's 128K vocabulary) in 16-bit adds 3.2 GB, and the absmax
-# constants add 1.1 GB even after double quantization. The article's "Total ~40 GB" and "Runs on 1× A100 80GB" still hold (40.6 GB before activations),
-# and so does QLoRA's headline, a 65B model on one 48 GB card (`docs/article-check.md`,
-# `qlora-65b-48gb`). Its "Needs ~4× A100 80GB" for plain LoRA does not: 142 GB fit on 2.
-#
 # ## 6. A QLoRA fine-tune next to LoRA
 #
 # Same base model, same adapter (`LoraConfig(r=8, lora_alpha=16)` on q, k, v, o, as in `minilora
@@ -567,8 +616,9 @@ test_batches = [collate(test_set[i:i + 64], tok, 128) for i in range(0, len(test
 config = LoraConfig(r=8, lora_alpha=16, target_modules=DEFAULT_TARGETS)
 models = {}
 for name, q in (("LoRA", None), ("QLoRA", "nf4")):
-    minilora.manual_seed(SEED)                                 # the same A initialisation for both
-    models[name] = get_peft_model(load_base_model(), config, quantize=q, double_quant=True)
+    base_model = load_base_model()
+    minilora.manual_seed(SEED)    # after loading, as lora_finetune seeds it: notebook 04's initialisation
+    models[name] = get_peft_model(base_model, config, quantize=q, double_quant=True)
 print(models["QLoRA"].base_model.model.model.layers[0].self_attn.q_proj)
 models["QLoRA"].print_trainable_parameters()
 print(format_quantization_summary(quantization_summary(models["QLoRA"])))
@@ -616,12 +666,15 @@ fig.tight_layout()
 plt.show()
 
 # %%
+final = {}
 print(f"{'':<7}{'accuracy':>9}{'held-out loss':>15}{'text loss':>11}{'ms/step':>9}{'model size':>12}")
 for name, model in models.items():
-    acc, answers = exact_match_accuracy(model, test_set, tok)
-    size = quantization_summary(model)["total_bytes"] / 1024
-    print(f"{name:<7}{acc:>9.1%}{evaluate(model, test_batches):>15.3f}{evaluate(model, text_batches):>11.3f}"
-          f"{wall[name] / STEPS * 1e3:>9.0f}{size:>8.0f} KiB")
+    final[name] = {"accuracy": exact_match_accuracy(model, test_set, tok)[0],
+                   "held-out loss": evaluate(model, test_batches), "text loss": evaluate(model, text_batches),
+                   "bytes": quantization_summary(model)["total_bytes"]}
+    r = final[name]
+    print(f"{name:<7}{r['accuracy']:>9.1%}{r['held-out loss']:>15.3f}{r['text loss']:>11.3f}"
+          f"{wall[name] / STEPS * 1e3:>9.0f}{r['bytes'] / 1024:>8.0f} KiB")
 
 # Did the two adapters learn the same update? cosine similarity of ΔW = (α/r)·B·A, layer by layer
 cos = []
@@ -634,32 +687,52 @@ print(f"\ncosine similarity of the learned ΔW, LoRA vs QLoRA, over {len(cos)} l
 # %% [markdown]
 # ## What the numbers say
 #
-# - **The code book** is the standard normal's quantiles, asymmetric (8 positive, 7 negative, an
-#   exact zero), built bit for bit with `statistics.NormalDist` and float32 probabilities.
-# - **Bits per parameter** is 4.5 for plain blockwise NF4 and **4.127** with double quantization,
-#   read off the stored arrays; double quantization costs a negligible 0.03% of RMSE.
-# - **NF4 beats FP4 and int4 on normal weights** in mean and RMS error (RMSE 0.092σ against 0.108σ and
-#   0.122σ), but not in the worst case (int4's is smaller), and **not on uniform weights**, where int4
-#   wins clearly: "optimized for normally-distributed weights" is the condition that matters.
-# - **"Near-lossless"** is fair on this model: the NF4 base's loss on held-out pretraining text rises by
-#   under 1% (int4's as little, FP4's by twice as much).
-# - **Memory**: the article's 35 GB for a 70B base leaves out the quantization constants and the
-#   16-bit embeddings; the stored base is 39.5 GB. The total (~40 GB, one 80 GB card) holds.
-#   For 7B the stored base drops from 13.5 GB to 3.9 GB and QLoRA trains in about 4 GB before
-#   activations, small enough for a consumer card.
-# - **The fine-tune** (150 steps, one seed): the two training curves lie on top of each other, both
-#   reach about the same exact-match accuracy (40.0% and 38.6%, one answer of 70 apart; notebook
-#   04's per-task table shows what such a run learns: the tasks that read the word off the prompt,
-#   not yet those that transform it), and QLoRA's held-out loss ends about 4% higher (0.714 against
-#   0.685). The gap is not robust: in a run at learning rate $10^{-2}$ (not shown) the two ended
-#   level, 0.663 against 0.659. The two adapters learn similar updates (cosine similarity of
-#   $\Delta W$ about 0.92), and both forget about as much (pretraining-text loss 3.80 and 3.90,
-#   QLoRA's a little lower). So "same quality as 16-bit LoRA" holds here within run-to-run noise, for
-#   a model 4.4x smaller in memory.
-# - **Time**: a QLoRA step dequantizes every frozen weight twice (forward and backward); here that
-#   costs from a few percent to about 20% per step, varying from run to run on a busy machine, because
-#   the matrices are tiny next to the activations. The saving is memory, not time. (minilora keeps $A$ and $B$ in float32, as PEFT does by default; the article's
-#   "adapters in 16-bit" is the compute type of a typical bitsandbytes setup.)
-# - **Not shown here**: the article's third technique, *paged optimizers*, only matters when GPU
-#   memory runs short mid-step. `minilora.paged_optim.PagedAdamW` implements a teaching version (m and
-#   v in pinned host memory, streamed to the GPU per update); on the CPU it is exactly AdamW.
+# The cell below writes this section from the values computed above, so its figures are this run's.
+
+# %%
+mem7 = {m: mem[("7B", m)] for m in memory.METHODS}
+text = {name: final[name]["text loss"] for name in final}
+hits = {name: round(final[name]["accuracy"] * len(test_set)) for name in final}
+rmse = {name: errors[name]["rmse"] / float(W.std(dtype=np.float64)) for name in ("NF4", "FP4", "int4")}
+Markdown(f"""
+- **The code book** is the standard normal's quantiles, asymmetric ({int((NF4 > 0).sum())} positive,
+  {int((NF4 < 0).sum())} negative, an exact zero), built bit for bit with `statistics.NormalDist` and
+  float32 probabilities.
+- **Bits per parameter** is {quant.nf4_bits_per_parameter(64, double_quant=False):g} for plain blockwise
+  NF4 and **{quant.nf4_bits_per_parameter(64, double_quant=True):.3f}** with double quantization, read
+  off the stored arrays; double quantization costs a negligible
+  {err[True]['rmse'] / err[False]['rmse'] - 1:.2%} of RMSE.
+- **NF4 beats FP4 and int4 on normal weights** in mean and RMS error (RMSE {rmse['NF4']:.3f}σ against
+  FP4's {rmse['FP4']:.3f}σ and int4's {rmse['int4']:.3f}σ), but not in the worst case (int4's is
+  smaller), and **not on uniform weights**, where int4 wins clearly: "optimized for
+  normally-distributed weights" is the condition that matters. Its indices carry
+  {entropy['NF4']:.3f} bits of entropy, not the 4 an equiprobable code book would.
+- **"Near-lossless"** is fair on this model: the NF4 base's loss on held-out pretraining text rises by
+  {loss_rise['NF4']:.1%} (int4's by {loss_rise['int4']:.1%}, FP4's by {loss_rise['FP4']:.1%}).
+- **Memory**: the article's 35 GB for a 70B base leaves out the quantization constants and the
+  16-bit embeddings; Llama 3 70B's stored base is {base_dq / GB:.1f} GB. The total
+  ({mb.gb():.1f} GB, one 80 GB card) holds. For LLaMA 7B the stored base drops from
+  {mem7['lora'].gb('base'):.1f} GB to {mem7['qlora'].gb('base'):.1f} GB and QLoRA trains in
+  {mem7['qlora'].gb():.1f} GB before activations, small enough for a consumer card.
+- **The fine-tune** ({STEPS} steps, one seed): the LoRA run is notebook 04's (the same initialisation,
+  batches, steps and evaluation windows, so the same figures). The two training curves lie on top of
+  each other, and both reach about the same exact-match accuracy ({final['LoRA']['accuracy']:.1%} and
+  {final['QLoRA']['accuracy']:.1%}: {hits['LoRA']} and {hits['QLoRA']} answers right of
+  {len(test_set)}; notebook 04's per-task table shows what such a run learns: the tasks that read the
+  word off the prompt, not yet those that transform it). QLoRA's held-out loss ends
+  {abs(final['QLoRA']['held-out loss'] / final['LoRA']['held-out loss'] - 1):.1%}
+  {'higher' if final['QLoRA']['held-out loss'] > final['LoRA']['held-out loss'] else 'lower'} than LoRA's
+  ({final['QLoRA']['held-out loss']:.3f} against {final['LoRA']['held-out loss']:.3f}). The two adapters
+  learn similar updates (cosine similarity of $\\Delta W$ {np.mean(cos):.2f} on average), and both
+  forget about as much (pretraining-text loss {text['LoRA']:.2f} for LoRA and {text['QLoRA']:.2f} for
+  QLoRA). So "same quality as 16-bit LoRA" holds here within one seed's noise, for a model
+  {final['LoRA']['bytes'] / final['QLoRA']['bytes']:.1f}x smaller in memory.
+- **Time**: a QLoRA step dequantizes every frozen weight twice (forward and backward); in this run
+  its {STEPS} steps took {wall['QLoRA'] / wall['LoRA']:.2f} times as long as LoRA's (the ratio varies
+  from run to run on a busy machine). The saving is memory, not time.
+  (minilora keeps $A$ and $B$ in float32, as PEFT does by default; the article's "adapters in 16-bit"
+  is the compute type of a typical bitsandbytes setup.)
+- **Not shown here**: the article's third technique, *paged optimizers*, only matters when GPU
+  memory runs short mid-step. `minilora.paged_optim.PagedAdamW` implements a teaching version (m and
+  v in pinned host memory, streamed to the GPU per update); on the CPU it is exactly AdamW.
+""")

@@ -60,6 +60,21 @@ def test_round_trip_same_logits_and_not_trainable_by_default(tmp_path):
     assert again.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
 
 
+def test_loading_for_inference_switches_to_eval_mode_as_peft(tmp_path):
+    """An adapter loaded for inference (is_trainable=False) leaves the model in eval mode, as PEFT's
+    load_adapter does: dropout off, and mixed-adapter batches allowed; loaded to train, the mode is
+    left as it was."""
+    trained(LoraConfig(r=2, lora_dropout=0.5, init_lora_weights=False)).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(0).train(), tmp_path)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    x = ids()
+    assert np.array_equal(loaded(x).numpy(), loaded(x).numpy())     # no dropout mask drawn
+    assert PeftModel.from_pretrained(llama(0).train(), tmp_path, is_trainable=True).training
+    loaded.train()
+    loaded.load_adapter(tmp_path, adapter_name="second")
+    assert not loaded.training
+
+
 def test_second_adapter_in_subfolder_and_load_adapter(tmp_path):
     model = trained()
     model.add_adapter("mlp", LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False))

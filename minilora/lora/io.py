@@ -277,6 +277,8 @@ def load_adapter_into(peft_model, directory, adapter_name: str, is_trainable: bo
     _check_against_model(peft_model.base_model.model, resolved, tensors, directory, lora_names, saved)
     peft_model._inject(adapter_name, config)
     _copy_in(peft_model, adapter_name, tensors, directory)
+    if not is_trainable:
+        peft_model.eval()    # PEFT's load_adapter does the same for an adapter loaded to infer
 
 
 def from_pretrained(cls, model, directory, adapter_name: str = "default", is_trainable: bool = False):
@@ -291,6 +293,8 @@ def from_pretrained(cls, model, directory, adapter_name: str = "default", is_tra
     _check_against_model(model, resolved, tensors, directory, lora_names, saved)
     peft_model = cls(model, config, adapter_name)
     _copy_in(peft_model, adapter_name, tensors, directory)
+    if not is_trainable:
+        peft_model.eval()    # loaded for inference, as PEFT: dropout off, mixed batches allowed
     return peft_model
 
 

@@ -34,7 +34,7 @@ from .. import backend
 from ..nn import Module, Parameter, init_normal
 from ..tensor import Tensor
 from .config import MAX_CONFIG_BYTES, AdapterError, LoraConfig, _normalise_targets, _user_match, matches
-from .layer import LoraLinear, is_linear_like
+from .layer import LoraLinear, ParameterDict, is_linear_like
 from .targets import _output_head_names, plan_injection
 from .targets import _plain_modules as _lora_plain_modules
 
@@ -178,19 +178,6 @@ def ia3_merged_weight(W, l, inverse: bool = False, safe_merge: bool = False, nam
 
 
 # ------------------------------------------------------------------ the layer
-class ParameterDict(Module):
-    """Parameters by name (``ia3_l["default"]``), named ``ia3_l.default`` in ``named_parameters``.
-
-    Entries live only in ``_parameters``, never as attributes, so an adapter may be called "train"
-    (``ModuleDict``'s rule, for Parameters instead of Modules)."""
-
-    def __getitem__(self, key: str) -> Parameter: return self._parameters[key]
-    def __setitem__(self, key: str, p: Parameter) -> None: self._parameters[key] = p
-    def __delitem__(self, key: str) -> None: del self._parameters[key]
-    def __contains__(self, key) -> bool: return key in self._parameters
-    def __iter__(self): return iter(self._parameters)
-
-
 class IA3Linear(Module):
     """A frozen base Linear whose output (or, for a feed-forward module, input) is scaled by ``ia3_l``.
 

@@ -17,6 +17,8 @@ two float32 SVDs of the same matrix differ in their rank-r part by about eps·σ
 (the subspace's sensitivity to a perturbation of size eps·σ₁, Wedin's theorem), and two Householder
 QRs by n·eps·σ₁ (their backward error); each times 8 for the several LAPACK steps behind one result.
 """
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -91,6 +93,18 @@ def test_loftq_config_is_peft_json_and_checked():
             LoraConfig(init_lora_weights="loftq", loftq_config=bad)
     with pytest.warns(UserWarning, match="ignored"):          # PEFT drops it with a warning too
         assert LoraConfig(loftq_config={"loftq_iter": 2}).loftq_config == {}
+
+
+def test_loftq_with_a_scaling_other_than_one_warns_that_peft_rebuilds_another_base():
+    """PEFT 0.21 splits LoftQ's residual without the scaling: only at lora_alpha / r = 1 do both
+    libraries rebuild the same base from one adapter file, so any other scaling is said aloud."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoraConfig(r=8, lora_alpha=8, init_lora_weights="loftq", loftq_config={"loftq_iter": 1})
+        LoraConfig(r=4, lora_alpha=2, use_rslora=True, init_lora_weights="loftq",
+                   loftq_config={"loftq_iter": 1})                             # α/√r = 1
+    with pytest.warns(UserWarning, match="lora_alpha = r"):
+        LoraConfig(r=8, lora_alpha=16, init_lora_weights="loftq", loftq_config={"loftq_iter": 1})
 
 
 # ------------------------------------------------------------------ PiSSA and OLoRA keep W0

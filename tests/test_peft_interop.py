@@ -153,6 +153,25 @@ def test_peft_second_adapter_subfolder_and_modules_to_save(base_dir, tmp_path):
     assert_close(mini_logits(model), want_other)
 
 
+def test_modules_to_save_names_the_same_modules_as_peft(base_dir, tmp_path):
+    """PEFT finds a modules_to_save entry as a plain suffix of the dotted name ("norm" is also
+    "...input_layernorm"); minilora wraps the same modules, and PEFT's file loads here."""
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["norm"],
+                  init_lora_weights=False)
+    hf = peft.get_peft_model(hf_base(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **config))
+    mini = get_peft_model(mini_base(base_dir), MiniLoraConfig(**config))
+    wrapped = lambda m: sorted(n.removeprefix("base_model.model.") for n, mod in m.named_modules()  # noqa: E731
+                               if type(mod).__name__ == "ModulesToSaveWrapper")
+    assert wrapped(mini) == wrapped(hf) and "model.layers.0.input_layernorm" in wrapped(mini)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if ".modules_to_save.default." in n:
+                p.add_(0.25)
+    hf.eval()
+    hf.save_pretrained(str(tmp_path))
+    assert_close(mini_logits(MiniPeftModel.from_pretrained(mini_base(base_dir), tmp_path)), hf_logits(hf))
+
+
 @pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
 def test_add_weighted_adapter_matches_peft(base_dir, tmp_path, combination_type):
     model = get_peft_model(mini_base(base_dir), MiniLoraConfig(r=4, lora_alpha=8,

@@ -103,8 +103,9 @@ class LoraConfig:
     ``["q_proj", "v_proj"]``). ``layers_to_transform`` (an int or a list of ints) keeps only the
     modules inside those decoder layers (the ``layers.{i}.`` index; ``layers_pattern`` renames
     "layers"). ``modules_to_save`` lists whole modules (e.g. "lm_head") trained fully and saved with
-    the adapter. ``bias``: "none" trains no bias, "all" every bias, "lora_only" the biases of the
-    adapted layers. ``rank_pattern`` / ``alpha_pattern`` override r / α for modules whose name ends
+    the adapter, each entry matched as a plain suffix of the dotted name as in PEFT ("norm" is also
+    every "...input_layernorm"). ``bias``: "none" trains no bias, "all" every bias, "lora_only" the
+    biases of the adapted layers. ``rank_pattern`` / ``alpha_pattern`` override r / α for modules whose name ends
     with a key (PEFT's per-module ranks). ``use_dora``: DoRA (Liu et al. 2024), a trained magnitude
     per output row on top of the LoRA direction (``lora/dora.py``).
     """
@@ -155,6 +156,12 @@ class LoraConfig:
             self.loftq_config = {}
         if self.init_lora_weights == "loftq":
             self.loftq_config = check_loftq_config(self.loftq_config)
+            scale = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+            if scale != 1 or self.rank_pattern or self.alpha_pattern:
+                warnings.warn(f"LoraConfig: LoftQ with scaling {scale:g} (lora_alpha / r, or per-module "
+                              "patterns): minilora keeps W0 ≈ Q + scaling·B·A, while PEFT 0.21 splits "
+                              "without the scaling, so PEFT would rebuild a different base for this "
+                              "adapter; set lora_alpha = r (scaling 1) for files both load alike")
         elif self.loftq_config:   # PEFT's rule: the config only means something for "loftq"
             warnings.warn("LoraConfig: loftq_config is ignored unless init_lora_weights='loftq'")
             self.loftq_config = {}
@@ -317,12 +324,15 @@ def matches(config: LoraConfig, module_name: str, targets=None) -> bool:
     ``targets`` overrides ``config.target_modules`` (get_peft_model passes the resolved default or the
     expanded "all-linear" list). A regex string must match the whole name; a list matches a name equal
     to an entry or ending in "." + entry, then ``layers_to_transform`` keeps only the listed layers.
-    Modules named in ``modules_to_save`` never get an adapter (they are trained whole instead).
+    Modules named in ``modules_to_save`` (an entry is a suffix of the dotted name, PEFT's rule)
+    and everything inside them never get an adapter (they are trained whole instead).
     """
     targets = config.target_modules if targets is None else targets
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module_name)
-                                      for m in config.modules_to_save):
-        return False
+    if config.modules_to_save:
+        parts = module_name.split(".")
+        enclosing = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]   # the module and its parents
+        if any(name.endswith(m) for name in enclosing for m in config.modules_to_save):
+            return False     # inside a module trained whole (PEFT's suffix rule, as plan_injection)
     if isinstance(targets, str):
         return _user_match(f"target_modules {targets!r}", targets, module_name, full=True) is not None
     found = module_name in targets or any(module_name.endswith("." + t) for t in targets)

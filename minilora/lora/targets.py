@@ -82,7 +82,9 @@ def plan_injection(model: Module, config: LoraConfig):
                          f"(e.g. {linear[0] if linear else 'none'})")
     saved = []
     for wanted in config.modules_to_save or []:
-        found = [n for n, _ in modules if n == wanted or n.endswith("." + wanted)]
+        # PEFT's rule is a plain suffix of the dotted name ("norm" also finds "...input_layernorm"),
+        # so that a config names the same modules in both libraries
+        found = [n for n, _ in modules if n and n.endswith(wanted)]
         if not found:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; its "
                              f"top-level modules are {[n for n, _ in modules if n and '.' not in n]}")

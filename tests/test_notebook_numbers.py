@@ -258,6 +258,9 @@ CODE_CONSTANTS = [
     ("06", "Twenty merge/unmerge cycles", "for cycle in range(1, 21):"),
     ("06", "the two rank-4 adapters, weights 0.7 and 0.3", "weights = [0.7, 0.3]"),
     ("06", "two rank-4 updates has rank 8", "LoraConfig(r=4,"),
+    ("10", "A 6 → 4 layer with a rank-2 adapter", "toy_lora(6, 4, R, ALPHA, init_lora_weights=False)"),
+    ("10", "with a rank-2 adapter", "R, ALPHA = 2, 4"),
+    ("10", "(the paper suggests $\\lambda = 2^4$)", "LORAPLUS_RATIO = 16"),
 ]
 
 

@@ -41,13 +41,12 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from .data.batching import IGNORE_INDEX
 from .data.preferences import collate_preferences
 from .nn import Module
 from .optim import AdamW, LambdaLR, WarmupCosine
 from .tensor import Tensor, no_grad
 from .train import train
-
-IGNORE_INDEX = -100   # the label of a token that is not scored (prompt, padding), as in PyTorch
 
 
 def log_sigmoid(x: Tensor) -> Tensor:

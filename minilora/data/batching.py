@@ -34,15 +34,22 @@ def encode_prompt(example: dict, tokenizer) -> list[int]:
 
 
 def encode_instruction(example: dict, tokenizer, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels) of one example as 1-D int64 NumPy arrays, unpadded.
+    """(input_ids, labels) of one example as 1-D int64 NumPy arrays, unpadded: its formatted prompt
+    and its output, as ``encode_prompt_and_response`` lays them out."""
+    return encode_prompt_and_response(format_prompt(example), example["output"], tokenizer, max_len)
+
+
+def encode_prompt_and_response(prompt: str, response: str, tokenizer,
+                               max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) of a prompt text and its response as 1-D int64 NumPy arrays, unpadded.
 
     input_ids = prompt + response + eos; labels = -100 on the prompt, the response + eos ids after it.
     Longer than ``max_len``: the prompt is cut from the LEFT (its start is dropped, the response is
     kept whole, since the response is what the model learns); a response + eos that alone exceeds
     ``max_len`` raises ValueError.
     """
-    prompt = encode_prompt(example, tokenizer)
-    response = tokenizer.encode(example["output"], add_eos=True)
+    prompt = tokenizer.encode(prompt)
+    response = tokenizer.encode(response, add_eos=True)
     if max_len is not None:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -65,7 +72,13 @@ def collate(examples: Sequence[dict], tokenizer, max_len: int | None = None) -> 
     """
     if len(examples) == 0:
         raise ValueError("cannot collate an empty list of examples; pass at least one")
-    encoded = [encode_instruction(ex, tokenizer, max_len) for ex in examples]
+    return pad_batch([encode_instruction(ex, tokenizer, max_len) for ex in examples], tokenizer)
+
+
+def pad_batch(encoded: Sequence[tuple[np.ndarray, np.ndarray]], tokenizer) -> dict:
+    """Rows of (input_ids, labels) right-padded into {"input_ids", "labels", "attention_mask"}, each
+    (B, T) int64 on the device, T the longest row: padding is ``tokenizer.pad_id`` with label -100
+    and mask 0."""
     lengths = np.array([len(ids) for ids, _ in encoded])                  # (B,)
     B, T = len(encoded), int(lengths.max())
     input_ids = np.full((B, T), tokenizer.pad_id, dtype=np.int64)          # (B, T)

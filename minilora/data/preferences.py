@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import backend
-from .batching import IGNORE_INDEX
+from .batching import encode_prompt_and_response, pad_batch
 from .instructions import format_prompt, make_instruction_dataset, task_family
 
 
@@ -100,19 +99,6 @@ def make_preference_dataset(n_train: int = 700, n_test: int = 140,
             [preference_pair(ex, np.random.default_rng([seed, 4, i])) for i, ex in enumerate(test)])
 
 
-def _encode(prompt: str, answer: str, tokenizer, max_len: int | None) -> tuple[list, int]:
-    """(prompt + answer + eos token ids, number of prompt ids kept), the prompt cut from the left
-    when the row is longer than ``max_len``."""
-    prompt_ids = tokenizer.encode(prompt)
-    answer_ids = tokenizer.encode(answer, add_eos=True)
-    if max_len is not None:
-        if len(answer_ids) > max_len:
-            raise ValueError(f"answer of {len(answer_ids)} tokens (with eos) does not fit "
-                             f"max_len={max_len}; raise max_len or shorten the answer")
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(answer_ids) - max_len):]
-    return prompt_ids + answer_ids, len(prompt_ids)
-
-
 def collate_preferences(pairs: Sequence[dict], tokenizer, max_len: int | None = None) -> dict:
     """One right-padded batch of 2·B rows: the B chosen answers, then the B rejected ones, each after
     its prompt; row i and row B + i share a prompt.
@@ -128,18 +114,9 @@ def collate_preferences(pairs: Sequence[dict], tokenizer, max_len: int | None = 
     if missing:
         raise ValueError(f"a preference pair needs 'prompt', 'chosen' and 'rejected'; the first has no "
                          f"{missing}")
-    rows = ([_encode(p["prompt"], p["chosen"], tokenizer, max_len) for p in pairs]
-            + [_encode(p["prompt"], p["rejected"], tokenizer, max_len) for p in pairs])
-    T = max(len(ids) for ids, _ in rows)
-    input_ids = np.full((len(rows), T), tokenizer.pad_id, dtype=np.int64)     # (2B, T)
-    labels = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)            # (2B, T)
-    attention_mask = np.zeros((len(rows), T), dtype=np.int64)                 # (2B, T)
-    for row, (ids, n_prompt) in enumerate(rows):
-        input_ids[row, :len(ids)] = ids
-        labels[row, n_prompt:len(ids)] = ids[n_prompt:]        # the answer and its eos
-        attention_mask[row, :len(ids)] = 1
-    return {"input_ids": backend.to_device(input_ids), "labels": backend.to_device(labels),
-            "attention_mask": backend.to_device(attention_mask)}
+    rows = [encode_prompt_and_response(p["prompt"], p[answer], tokenizer, max_len)
+            for answer in ("chosen", "rejected") for p in pairs]          # 2B rows: chosen, then rejected
+    return pad_batch(rows, tokenizer)
 
 
 __all__ = ["WRONG_ANSWERS", "collate_preferences", "make_preference_dataset", "preference_pair",

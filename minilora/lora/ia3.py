@@ -35,7 +35,7 @@ from ..nn import Module, Parameter, init_normal
 from ..tensor import Tensor
 from .config import MAX_CONFIG_BYTES, AdapterError, LoraConfig, _normalise_targets, _user_match, matches
 from .layer import LoraLinear, ParameterDict, is_linear_like
-from .targets import _output_head_names, plan_injection
+from .targets import _output_head_names, modules_to_save_names, plan_injection
 from .targets import _plain_modules as _lora_plain_modules
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for
@@ -346,13 +346,7 @@ def plan_ia3(model: Module, config: IA3Config):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _is_target_type(m)})
         raise ValueError(f"target_modules={config.target_modules!r} matched no Linear layer (after "
                          f"exclude_modules); the model's Linear layers are named {linear}")
-    saved = []
-    for wanted in config.modules_to_save or []:
-        found = [n for n, _ in modules if n == wanted or n.endswith("." + wanted)]
-        if not found:
-            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
-        saved += [n for n in found if n not in saved]
-    return config, names, saved
+    return config, names, modules_to_save_names(modules, config.modules_to_save)
 
 
 def plan_adapter(model: Module, config, tuner: Module | None = None):

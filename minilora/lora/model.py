@@ -42,6 +42,12 @@ def _check_adapter_name(name) -> str:
     return name
 
 
+def _check_config(peft_config) -> None:
+    if not isinstance(peft_config, (LoraConfig, IA3Config)):
+        raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
+                         f"{type(peft_config).__name__}")
+
+
 class LoraModel(Module):
     """PEFT's ``LoraModel``: holds the user's model as ``.model`` (hence the ``base_model.model.``
     prefix in names) and passes calls through to it."""
@@ -72,9 +78,7 @@ class PeftModel(Module):
         if any(isinstance(m, (LoraLinear, IA3Linear, ModulesToSaveWrapper)) for m in model.modules()):
             raise ValueError("the model already contains LoRA or (IA)³ layers; wrap the original model "
                              "once, then add_adapter() for more adapters (or unload() first)")
-        if not isinstance(peft_config, (LoraConfig, IA3Config)):
-            raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
-                             f"{type(peft_config).__name__}")
+        _check_config(peft_config)
         # the tuner, as in PEFT: LoraModel, or IA3Model for (IA)³ vectors (lora/ia3.py)
         self.base_model = IA3Model(model) if isinstance(peft_config, IA3Config) else LoraModel(model)
         self.peft_config: dict = {}
@@ -169,17 +173,18 @@ class PeftModel(Module):
         model = self.base_model.model
         if isinstance(config, IA3Config):   # one vector per layer instead of A and B (lora/ia3.py)
             self.base_model.inject(adapter_name, config, lora_names, self.active_adapters)
-        for name in lora_names if isinstance(config, LoraConfig) else ():
-            layer = model.get_submodule(name)
-            if not isinstance(layer, LoraLinear):
-                layer = LoraLinear(layer, module_name=name)
-                model.set_submodule(name, layer)    # keeps its place among its siblings
-            layer.update_layer(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                               lora_dropout=config.lora_dropout,
-                               init_lora_weights=config.init_lora_weights,
-                               use_rslora=config.use_rslora, use_dora=config.use_dora,
-                               loftq_config=config.loftq_config)
-            layer.set_adapter(self.active_adapters)
+        else:
+            for name in lora_names:
+                layer = model.get_submodule(name)
+                if not isinstance(layer, LoraLinear):
+                    layer = LoraLinear(layer, module_name=name)
+                    model.set_submodule(name, layer)    # keeps its place among its siblings
+                layer.update_layer(adapter_name, r=config.rank_for(name),
+                                   lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
+                                   init_lora_weights=config.init_lora_weights,
+                                   use_rslora=config.use_rslora, use_dora=config.use_dora,
+                                   loftq_config=config.loftq_config)
+                layer.set_adapter(self.active_adapters)
         for name in saved:
             wrapper = model.get_submodule(name)
             if not isinstance(wrapper, ModulesToSaveWrapper):
@@ -268,9 +273,7 @@ class PeftModel(Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a second (third, ...) adapter with its own config; it is created inactive and frozen
         (``set_adapter`` switches to it)."""
-        if not isinstance(peft_config, (LoraConfig, IA3Config)):
-            raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
-                             f"{type(peft_config).__name__}")
+        _check_config(peft_config)
         self._inject(adapter_name, peft_config)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -415,9 +418,7 @@ def get_peft_model(model: Module, peft_config: LoraConfig, adapter_name: str = "
     precision), then injects the adapters, whose factors A and B train in float32 on top of the
     4-bit bases. ``quantize=None`` (default) is plain LoRA.
     """
-    if not isinstance(peft_config, (LoraConfig, IA3Config)):
-        raise ValueError(f"peft_config must be a LoraConfig or an IA3Config, got "
-                         f"{type(peft_config).__name__}")
+    _check_config(peft_config)
     if quantize is not None:
         if quantize not in QUANTIZE_TYPES:
             raise ValueError(f"quantize={quantize!r} is not a 4-bit type; use one of {QUANTIZE_TYPES} "

@@ -80,16 +80,22 @@ def plan_injection(model: Module, config: LoraConfig):
         raise ValueError(f"target_modules={config.target_modules!r} matched no Linear layer{extra}"
                          f"{why}; the model's Linear layers are named {short} "
                          f"(e.g. {linear[0] if linear else 'none'})")
+    return config, lora_names, modules_to_save_names(modules, config.modules_to_save)
+
+
+def modules_to_save_names(modules, modules_to_save) -> list:
+    """The names among ``modules`` ((name, module) pairs) that the ``modules_to_save`` entries pick,
+    in order, each once. PEFT's rule is a plain suffix of the dotted name ("norm" also finds
+    "...input_layernorm"), so that a config names the same modules in both libraries; an entry that
+    matches nothing is a ValueError naming the model's top-level modules."""
     saved = []
-    for wanted in config.modules_to_save or []:
-        # PEFT's rule is a plain suffix of the dotted name ("norm" also finds "...input_layernorm"),
-        # so that a config names the same modules in both libraries
+    for wanted in modules_to_save or []:
         found = [n for n, _ in modules if n and n.endswith(wanted)]
         if not found:
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; its "
                              f"top-level modules are {[n for n, _ in modules if n and '.' not in n]}")
         saved += [n for n in found if n not in saved]
-    return config, lora_names, saved
+    return saved
 
 
-__all__ = ["plan_injection", "resolve_targets"]
+__all__ = ["plan_injection", "resolve_targets", "modules_to_save_names"]
